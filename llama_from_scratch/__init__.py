@@ -1,0 +1,15 @@
+"""llama_from_scratch: LLaMA built, trained, fine-tuned and aligned from scratch in PyTorch.
+
+Each chapter of the textbook adds its names here; every one is tested against the library
+practitioners use (tiktoken, torch, transformers, peft, bitsandbytes, TRL's formulas).
+"""
+
+from llama_from_scratch.environment import pick_device, quick_mode, seed_everything, supports_bf16
+
+__version__ = "0.1.0"
+
+# --- Chapter 1: tokenization ---
+
+# --- Chapter 2: cross-entropy ---
+
+# --- Chapters 3-6: the model and real weights ---
