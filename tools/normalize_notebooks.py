@@ -25,7 +25,8 @@ def normalize(path: Path) -> list[str]:
         for output in cell.get("outputs", []):
             if output.get("output_type") == "error":
                 problems.append(f"{path}: cell {index} has an error output")
-            text = json.dumps(output)
+            data = {k: v for k, v in output.get("data", {}).items() if not k.startswith("image/")}
+            text = json.dumps({"text": output.get("text", ""), "data": data})
             if MACHINE_PATH.search(text):
                 problems.append(f"{path}: cell {index} output shows a machine path: {MACHINE_PATH.search(text).group(0)}")
     path.write_text(json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
