@@ -128,7 +128,9 @@ def plot(rows: list[dict], path: str | None = None, ax=None):
         pts = sorted((r["n_tokens"], r["peak_mb"]) for r in rows if r["variant"] == variant)
         label = {"torch": "F.cross_entropy (logits materialised)", "ours": "cross_entropy (logits materialised)",
                  "chunked": f"chunked_cross_entropy (chunk {rows[0]['chunk_size']})"}[variant]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        style = {"torch": dict(marker="s", lw=3, alpha=0.6), "ours": dict(marker="o", ls=":"),
+                 "chunked": dict(marker="o")}[variant]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **style)
     logits = sorted({(r["n_tokens"], r["logits_mb"]) for r in rows})
     ax.plot([p[0] for p in logits], [p[1] for p in logits], "k--", lw=1, label="one [N, V] float32 tensor")
     ax.set_xlabel("tokens N")

@@ -74,8 +74,9 @@ def build_attention_mask(padding_mask: torch.Tensor, q_len: int) -> torch.Tensor
     kv_len = padding_mask.shape[1]
     causal = causal_mask(q_len, kv_len, device=padding_mask.device)  # [T, S]
     keys_ok = padding_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
-    own = torch.zeros(q_len, kv_len, dtype=torch.bool, device=padding_mask.device)
-    own[torch.arange(q_len), torch.arange(kv_len - q_len, kv_len)] = True  # each query's own slot
+    device = padding_mask.device
+    own = torch.zeros(q_len, kv_len, dtype=torch.bool, device=device)
+    own[torch.arange(q_len, device=device), torch.arange(kv_len - q_len, kv_len, device=device)] = True  # own slot
     return (causal & keys_ok) | own
 
 
@@ -325,7 +326,10 @@ class KVCache:
                 f"head_dim={self.head_dim}], got {tuple(k.shape)} and {tuple(v.shape)}"
             )
         if k.dtype != self.dtype or v.dtype != self.dtype:
-            raise ValueError(f"cache dtype is {self.dtype} but got k/v of dtype {k.dtype}/{v.dtype}")
+            raise ValueError(
+                f"cache dtype is {self.dtype} but got k/v of dtype {k.dtype}/{v.dtype}; create the cache with "
+                "the dtype the attention computes in (e.g. the autocast dtype)"
+            )
         if k.device != self.device:
             raise ValueError(f"cache is on {self.device} but k/v are on {k.device}")
         seq_len = k.shape[2]

@@ -477,6 +477,13 @@ def dequantize(
         # bfloat16 is the top half of a float32: shift the 16 bits into place.
         return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32)
     blocks = _blocks(raw, gtype, n_elements)
+    # A scale that is inf or NaN gives NaN values, exactly as in ggml: no warning needed.
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _dequantize_blocks(blocks, ggml_type)
+
+
+def _dequantize_blocks(blocks: np.ndarray, ggml_type: str) -> np.ndarray:
+    """The block formulas of Q8_0, Q4_0 and Q4_1 on `[n_blocks, type_size]` bytes."""
     if ggml_type == "Q8_0":
         d = _fp16(blocks[:, :2])
         q = blocks[:, 2:].view(np.int8).astype(np.float32)

@@ -1,6 +1,7 @@
 """The grader: one tool for students, teachers and CI.
 
     python -m llama_from_scratch.grade exercises/ch01_tokenization.ipynb
+    python -m llama_from_scratch.grade --batch submissions/ --out report.csv   # a whole class
     pytest tests/exercises --notebooks exercises
 
 How it works. The grader never runs a notebook top to bottom (that would re-run training cells).
@@ -120,10 +121,32 @@ def load_definitions(path: str | Path) -> LoadedNotebook:
     )
 
 
+class _Sink(io.TextIOBase):
+    """A text stream that keeps the first ``limit`` characters written to it and drops the rest,
+    so a function printing megabytes in a loop costs neither memory nor a flooded report."""
+
+    def __init__(self, limit: int = 64 * 1024) -> None:
+        super().__init__()
+        self.kept: list[str] = []
+        self.room = limit
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        if self.room > 0:
+            self.kept.append(text[: self.room])
+            self.room -= len(self.kept[-1])
+        return len(text)
+
+    def getvalue(self) -> str:
+        return "".join(self.kept)
+
+
 @contextlib.contextmanager
 def _silenced() -> Iterator[None]:
     """Swallow what student code prints, so a chatty notebook cannot flood the report."""
-    sink = io.StringIO()
+    sink = _Sink()
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         yield
 
@@ -163,6 +186,8 @@ def _explain(exc: BaseException, name: str) -> str:
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith("<cell")]
     if frames:
         where = f" ({frames[-1].filename[1:-1]}, line {frames[-1].lineno})"
+    if isinstance(exc, MemoryError):
+        return f"ran out of memory (MemoryError{where}): does it build something far too large?"
     return f"raised {type(exc).__name__}: {exc}{where}"
 
 
@@ -189,36 +214,51 @@ def chapter_of(path: str | Path) -> str:
     return stem
 
 
+def grade_exercise(loaded: LoadedNotebook, name: str, check_fn: Callable[[Callable], None],
+                   notebook: str = "", points: int | None = None,
+                   timeout: float | None = DEFAULT_TIMEOUT_S) -> ExerciseResult:
+    """Grade one exercise of a loaded notebook. ``points`` overrides what the notebook declares
+    (the batch grader takes the points from the solution notebooks, which a student cannot edit)."""
+    started = time.perf_counter()
+    if points is None:
+        points = loaded.points.get(name, 1)
+    cell = loaded.exercise_cells.get(name)
+    student_fn = loaded.namespace.get(name)
+    if cell is not None and cell in loaded.cell_errors:
+        passed, reason = False, loaded.cell_errors[cell]
+    elif not callable(student_fn):
+        passed = False
+        reason = f"`{name}` is not defined in the notebook (was its cell deleted or the function renamed?)"
+        if loaded.cell_errors:
+            reason += "; problems while loading: " + "; ".join(loaded.cell_errors.values())
+    else:
+        passed, reason = run_check(check_fn, student_fn, name, timeout)
+    return ExerciseResult(notebook, name, passed, reason, points if passed else 0, points,
+                          round(time.perf_counter() - started, 3))
+
+
 def grade_notebook(path: str | Path, chapter: str | None = None,
                    checks: dict[str, Callable[[Callable], None]] | None = None,
-                   timeout: float | None = DEFAULT_TIMEOUT_S) -> list[ExerciseResult]:
+                   timeout: float | None = DEFAULT_TIMEOUT_S, only: list[str] | None = None,
+                   points: dict[str, int] | None = None) -> list[ExerciseResult]:
     """Grade every exercise of one notebook against its chapter's checks.
 
     The list of exercises comes from the checks (so deleting an exercise cell fails it rather than
-    hiding it); points come from the notebook's ``# EXERCISE name (N points)`` lines.
+    hiding it); points come from the notebook's ``# EXERCISE name (N points)`` lines unless
+    ``points`` gives them. ``only`` restricts grading to the named exercises.
     """
     path = Path(path)
     if checks is None:
         checks = checks_registry.chapter_checks(chapter or chapter_of(path))
+    if only:
+        unknown = sorted(set(only) - set(checks))
+        if unknown:
+            raise KeyError(f"no exercise named {', '.join(unknown)} in this chapter's checks "
+                           f"(known: {', '.join(checks)})")
+        checks = {name: fn for name, fn in checks.items() if name in only}
     loaded = load_definitions(path)
-    results = []
-    for name, check_fn in checks.items():
-        started = time.perf_counter()
-        points = loaded.points.get(name, 1)
-        cell = loaded.exercise_cells.get(name)
-        student_fn = loaded.namespace.get(name)
-        if cell is not None and cell in loaded.cell_errors:
-            passed, reason = False, loaded.cell_errors[cell]
-        elif not callable(student_fn):
-            passed = False
-            reason = f"`{name}` is not defined in the notebook (was its cell deleted or the function renamed?)"
-            if loaded.cell_errors:
-                reason += "; problems while loading: " + "; ".join(loaded.cell_errors.values())
-        else:
-            passed, reason = run_check(check_fn, student_fn, name, timeout)
-        results.append(ExerciseResult(str(path), name, passed, reason, points if passed else 0, points,
-                                      round(time.perf_counter() - started, 3)))
-    return results
+    return [grade_exercise(loaded, name, check_fn, str(path), (points or {}).get(name), timeout)
+            for name, check_fn in checks.items()]
 
 
 def check(fn: Callable, timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
@@ -246,18 +286,30 @@ def format_report(results: list[ExerciseResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: grade one or more notebooks; exit 0 only if every exercise passed."""
+    """Command line: grade one or more notebooks (exit 0 only if every exercise passed), or a whole
+    class with ``--batch`` (exit 0 once the reports are written)."""
     parser = argparse.ArgumentParser(prog="python -m llama_from_scratch.grade", description=__doc__.split("\n\n")[0])
-    parser.add_argument("notebooks", nargs="+", type=Path, help="exercise notebooks to grade")
+    parser.add_argument("notebooks", nargs="*", type=Path, help="exercise notebooks to grade")
     parser.add_argument("--chapter", help="chapter name when the file was renamed, e.g. ch01_tokenization")
+    parser.add_argument("--only", action="append", metavar="EXERCISE",
+                        help="grade only this exercise (repeatable)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per exercise")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    from llama_from_scratch import batch_grade
+
+    batch_grade.add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.batch is not None:
+        if args.notebooks:
+            parser.error("give either notebooks or --batch SUBMISSIONS_DIR, not both")
+        return batch_grade.run_batch_cli(args)
+    if not args.notebooks:
+        parser.error("give the notebooks to grade, or --batch SUBMISSIONS_DIR")
     all_results: list[ExerciseResult] = []
     status = 0
     for nb in args.notebooks:
         try:
-            results = grade_notebook(nb, chapter=args.chapter, timeout=args.timeout)
+            results = grade_notebook(nb, chapter=args.chapter, timeout=args.timeout, only=args.only)
         except (OSError, ValueError, KeyError) as exc:
             print(f"{nb}: cannot grade: {exc}", file=sys.stderr)
             status = 2

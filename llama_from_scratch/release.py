@@ -2,6 +2,8 @@
 
     python -m llama_from_scratch.release                # solutions/ -> exercises/
     python -m llama_from_scratch.release --check        # exit 1 if exercises/ is out of date
+    python -m llama_from_scratch.release --student-release release/   # or release.zip
+
 
 Every ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` region becomes
 ``raise NotImplementedError(...)``, and all outputs are cleared (an output could show an answer).
@@ -13,6 +15,8 @@ import argparse
 import copy
 import json
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -66,15 +70,124 @@ def stale_exercises(solutions: Path, exercises: Path) -> list[str]:
     return problems
 
 
+PACKAGE_PLACEHOLDER = "llama-from-scratch @ git+https://github.com/YOUR-ORG/llama_from_scratch"
+
+STUDENT_README = """\
+# {course}: exercises
+
+Your exercises are the notebooks in `exercises/`. In each, fill in the functions marked
+`# EXERCISE name (N points)`: replace `raise NotImplementedError(...)` with your code and keep the
+function's name and arguments. Do not rename the notebook file.
+
+| notebook | exercises | points |
+|---|---|---|
+{table}
+
+## Set up (once)
+
+```bash
+python3.11 -m venv .venv && . .venv/bin/activate
+pip install torch --index-url https://download.pytorch.org/whl/cpu   # or any torch >= 2.4
+pip install -r requirements.txt                                        # the course package and grader
+jupyter lab exercises/                                                 # if you have JupyterLab
+```
+
+## Check your work
+
+- In the notebook, the cell after each exercise runs `check(your_function)`: it prints
+  `✓ name: passed` or says what input went wrong, what was expected and what came back.
+- The whole notebook, as your instructor will grade it:
+
+  ```bash
+  python -m llama_from_scratch.grade exercises/ch01_tokenization.ipynb
+  ```
+
+  One line per exercise: PASS/FAIL, points, and the reason.
+
+The checks call your functions on inputs drawn at random each time they run, so a function that
+returns memorised answers for the examples in the notebook fails; the list of exercises comes from
+the grader, so a deleted or renamed exercise cell counts as failed. Your notebook is graded by
+importing its definitions (imports, functions, classes, ALL_CAPS constants) without running its
+other cells, so an exercise may use helpers defined in other cells. Graded code may only read and
+write files in its own folder; each exercise has a time limit.
+
+## Hand in
+
+Submit the notebooks from `exercises/` with their names unchanged (with GitHub Classroom: commit
+and push; the autograder in `.github/classroom/autograding.json` runs one test per chapter).
+"""
+
+
+def _exercise_table(solutions: Path) -> str:
+    from llama_from_scratch.notebook_source import exercises_in
+
+    rows = []
+    for path in sorted(solutions.glob("ch*.ipynb")):
+        exercises = exercises_in(read_notebook(path))
+        rows.append(f"| `exercises/{path.name}` | {', '.join(f'`{e.name}`' for e in exercises)} "
+                    f"| {sum(e.points for e in exercises)} |")
+    return "\n".join(rows)
+
+
+def student_release(solutions: Path, target: Path, package_spec: str = PACKAGE_PLACEHOLDER,
+                    course: str = "llama_from_scratch") -> list[str]:
+    """Write the student release to a folder, or to a zip when ``target`` ends in ``.zip``.
+
+    It holds ``exercises/chNN_<topic>.ipynb`` (solutions replaced by stubs, no outputs), a student
+    ``README.md``, ``requirements.txt`` (``package_spec``: where students install the course package
+    from) and ``.github/classroom/autograding.json``; never the solutions. Returns the relative
+    paths written. A folder must not exist yet or be empty.
+    """
+    from llama_from_scratch.classroom import CONFIG_PATH, RELEASE_SETUP, autograding_config, dumps_config
+
+    files = {f"exercises/{path.name}": dumps_notebook(make_exercise_notebook(read_notebook(path)))
+             for path in sorted(solutions.glob("ch*.ipynb"))}
+    if not files:
+        raise ValueError(f"no solution notebooks (ch*.ipynb) in {solutions}")
+    files["README.md"] = STUDENT_README.format(course=course, table=_exercise_table(solutions))
+    files["requirements.txt"] = f"{package_spec}\n"
+    files[CONFIG_PATH.as_posix()] = dumps_config(autograding_config(solutions, "exercises", RELEASE_SETUP))
+    if target.suffix.lower() == ".zip":
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".zip.tmp", delete=False) as tmp:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+                for name, text in files.items():
+                    zf.writestr(f"{target.stem}/{name}", text)
+        Path(tmp.name).replace(target)
+    else:
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise ValueError(f"{target} exists and is not an empty folder; choose a new one")
+        for name, text in files.items():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            (target / name).write_text(text, encoding="utf-8")
+    return sorted(files)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llama_from_scratch.release", description=__doc__.split("\n\n")[0])
     parser.add_argument("--solutions", type=Path, default=Path("solutions"))
     parser.add_argument("--out", type=Path, default=Path("exercises"))
     parser.add_argument("--check", action="store_true", help="only report drift; exit 1 if any")
+    parser.add_argument("--student-release", type=Path, metavar="DIR_OR_ZIP",
+                        help="write the student release (exercises, README, autograding) to a new folder or a .zip")
+    parser.add_argument("--package-spec", default=PACKAGE_PLACEHOLDER,
+                        help="pip requirement students install the course package from (student release)")
+    parser.add_argument("--course", default="llama_from_scratch", help="course name for the student README")
     args = parser.parse_args(argv)
     if not args.solutions.is_dir():
         print(f"no solutions folder at {args.solutions}", file=sys.stderr)
         return 2
+    if args.student_release:
+        try:
+            written = student_release(args.solutions, args.student_release, args.package_spec, args.course)
+        except ValueError as exc:
+            print(f"cannot write the student release: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.student_release}: {', '.join(written)}")
+        if args.package_spec == PACKAGE_PLACEHOLDER:
+            print("note: requirements.txt names a placeholder; pass --package-spec with where your students "
+                  "install the course package from (e.g. git+https://github.com/ORG/REPO)", file=sys.stderr)
+        return 0
     if args.check:
         problems = stale_exercises(args.solutions, args.out)
         for p in problems:

@@ -1,0 +1,300 @@
+"""The Llama model: token embedding, a stack of pre-norm transformer blocks, a final RMSNorm and
+the output projection.
+
+Every block is
+
+    h = x + attention(rmsnorm(x))      # tokens exchange information
+    out = h + swiglu(rmsnorm(h))       # each token is processed on its own
+
+Module names copy Hugging Face's ``LlamaForCausalLM`` exactly, so ``state_dict()`` keys are the
+familiar ones (``model.layers.0.self_attn.q_proj.weight``, ...) and weights move between the two
+implementations with ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llama_from_scratch.attention import GroupedQueryAttention, KVCache, build_attention_mask
+from llama_from_scratch.config import LlamaConfig
+from llama_from_scratch.feed_forward import SwiGLU
+from llama_from_scratch.normalization import RMSNorm
+from llama_from_scratch.rope import precompute_rope
+
+
+class TransformerBlock(nn.Module):
+    """One pre-norm Llama block: RMSNorm -> attention -> residual, RMSNorm -> SwiGLU -> residual."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.self_attn = GroupedQueryAttention(config.dim, config.n_heads, config.n_kv_heads, layer_idx=layer_idx)
+        self.mlp = SwiGLU(config.dim, config.hidden_dim)
+        self.input_layernorm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.dim, eps=config.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        start_pos: int = 0,
+        kv_cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = x + self.self_attn(
+            self.input_layernorm(x), cos, sin, start_pos=start_pos, kv_cache=kv_cache,
+            layer_idx=self.layer_idx, attention_mask=attention_mask, position_ids=position_ids,
+        )
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaBackbone(nn.Module):
+    """Embedding, blocks and final norm: token ids -> normalized hidden states ``[B, T, dim]``.
+
+    (Hugging Face's ``LlamaModel``; reachable as ``Llama.model``, e.g. for a reward head.)
+    """
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        # RoPE tables are a function of the config, not learned: non-persistent buffers follow the
+        # model across devices but stay out of the state_dict.
+        cos, sin = precompute_rope(config.head_dim, config.max_seq_len, config.rope_theta, config.rope_scaling)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """Recomputes the RoPE tables (float32) on ``device``, e.g. after building on the meta device."""
+        c = self.config
+        cos, sin = precompute_rope(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
+        self.rope_cos = cos.to(device)
+        self.rope_sin = sin.to(device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        start_pos: int = 0,
+        kv_cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """See :meth:`Llama.forward`; returns the final hidden states instead of logits."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a [batch, seq_len] tensor, got {shape}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
+        bsz, seq_len = input_ids.shape
+        if seq_len == 0:
+            raise ValueError("input_ids is empty (seq_len 0)")
+        if start_pos < 0:
+            raise ValueError(f"start_pos must be >= 0, got {start_pos}")
+        max_seq_len = self.config.max_seq_len
+        if start_pos + seq_len > max_seq_len:
+            raise ValueError(
+                f"sequence too long: start_pos {start_pos} + {seq_len} tokens > max_seq_len {max_seq_len}"
+            )
+        if kv_cache is not None:
+            if kv_cache.n_layers != len(self.layers) or kv_cache.batch_size != bsz:
+                raise ValueError(
+                    f"KV cache has {kv_cache.n_layers} layers and batch {kv_cache.batch_size}; the model has "
+                    f"{len(self.layers)} layers and the input batch is {bsz}"
+                )
+        kv_len = start_pos + seq_len if kv_cache is not None else seq_len
+
+        mask = attention_mask
+        if attention_mask is not None and attention_mask.dim() == 2:
+            total = start_pos + seq_len
+            if attention_mask.shape != (bsz, total):
+                raise ValueError(
+                    f"attention_mask must be [batch, start_pos + seq_len] = [{bsz}, {total}] (1 = token, "
+                    f"0 = padding, cached positions included), got {tuple(attention_mask.shape)}"
+                )
+            if position_ids is None:
+                # As Hugging Face does: count only real tokens, so that after left padding the first
+                # real token is at position 0, exactly as without padding.
+                positions = attention_mask.long().cumsum(-1) - 1
+                positions = positions.masked_fill(attention_mask == 0, 1)
+                position_ids = positions[:, start_pos:]
+            mask = build_attention_mask(attention_mask[:, total - kv_len:], seq_len)  # [B, 1, T, S], once
+
+        if position_ids is not None and position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, self.rope_cos, self.rope_sin, start_pos=start_pos, kv_cache=kv_cache,
+                      attention_mask=mask, position_ids=position_ids)
+        return self.norm(h)
+
+
+class Llama(nn.Module):
+    """A Llama causal language model (Hugging Face ``LlamaForCausalLM``'s layout and key names).
+
+    With ``config.tie_embeddings`` the output projection ``lm_head.weight`` *is* the embedding
+    matrix (one tensor, two names): both keys appear in ``state_dict()``, as in Hugging Face, and
+    :meth:`num_parameters` counts it once.
+    """
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaBackbone(config)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """Hugging Face's initialization: normal(0, 0.02) for linear and embedding weights, zero
+        biases; RMSNorm gains stay at 1."""
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def tie_weights(self) -> None:
+        """Makes ``lm_head.weight`` the embedding tensor when the config asks for tied embeddings."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        start_pos: int = 0,
+        kv_cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits ``[B, T, vocab_size]`` for ``input_ids`` (``[B, T]``, integer).
+
+        Args:
+            input_ids: token ids.
+            start_pos: position of the first token of ``input_ids``. With a ``kv_cache`` holding
+                positions ``0 .. start_pos - 1``, only the new tokens need to be passed.
+            kv_cache: a :class:`KVCache` from :meth:`make_kv_cache`; it is updated in place.
+            attention_mask: ``[B, start_pos + T]`` with 1 for real tokens and 0 for (left) padding,
+                covering the cached positions too. RoPE positions are then counted over real tokens
+                only (``cumsum(mask) - 1``), so a left-padded sequence gets the logits it would
+                have alone. A 4-D mask (boolean, True = attend, or additive float, ``[B, 1, T, S]``)
+                is passed to attention as is.
+            position_ids: explicit RoPE positions ``[B, T]`` or ``[T]``, overriding the above.
+        """
+        return self.lm_head(self.model(input_ids, start_pos, kv_cache, attention_mask, position_ids))
+
+    # ----- helpers ------------------------------------------------------------------------------
+
+    def make_kv_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """An empty :class:`KVCache` for this model; dtype and device default to the model's
+        weights', ``max_seq_len`` to the config's (which can be large: pass what you need)."""
+        param = self.lm_head.weight
+        max_seq_len = self.config.max_seq_len if max_seq_len is None else max_seq_len
+        if max_seq_len > self.config.max_seq_len:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.config.max_seq_len}")
+        c = self.config
+        return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_seq_len, c.head_dim,
+                       dtype=dtype or param.dtype, device=device or param.device)
+
+    def set_use_sdpa(self, use_sdpa: bool) -> None:
+        """Switches every attention layer between ``F.scaled_dot_product_attention`` (True) and the
+        from-scratch attention (False)."""
+        for layer in self.model.layers:
+            layer.self_attn.use_sdpa = use_sdpa
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of parameters; a tied embedding counts once (``parameters()`` skips duplicates)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ----- loading ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> Llama:
+        """Loads a local Hugging Face Llama folder: ``config.json`` plus ``model.safetensors``, or
+        shards listed in ``model.safetensors.index.json``.
+
+        The model is built on the meta device (no memory, no random init) and the checkpoint
+        tensors are assigned into it, converted to ``dtype``. Missing or unexpected keys raise a
+        ``ValueError`` that lists them.
+        """
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is not a folder (expected a Hugging Face model folder)")
+        config = LlamaConfig.from_hf(folder)
+
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({folder / name for name in weight_map.values()})
+            absent = [str(f) for f in files if not f.is_file()]
+            if absent:
+                raise FileNotFoundError(f"shards listed in {index.name} are missing: {absent}")
+        elif (folder / "model.safetensors").is_file():
+            files = [folder / "model.safetensors"]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            present = sorted(p.name for p in folder.iterdir())
+            raise FileNotFoundError(
+                f"no *.safetensors weights in {folder} (found {present}); PyTorch .bin checkpoints are not "
+                "supported, re-save with save_pretrained(..., safe_serialization=True)"
+            )
+
+        state_dict: dict[str, torch.Tensor] = {}
+        for file in files:
+            for name, tensor in load_file(str(file), device="cpu").items():
+                if name.endswith("rotary_emb.inv_freq"):  # old checkpoints saved RoPE tables; we compute them
+                    continue
+                state_dict[name] = tensor.to(dtype)
+
+        with torch.device("meta"):
+            model = cls(config)
+        expected = set(model.state_dict().keys())
+        if config.tie_embeddings:
+            # Tied checkpoints usually store only the embedding; the head is the same tensor.
+            state_dict.pop("lm_head.weight", None)
+            if "model.embed_tokens.weight" in state_dict:
+                state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"]
+        missing = sorted(expected - set(state_dict))
+        unexpected = sorted(set(state_dict) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint in {folder} does not match the config: missing keys {missing[:20]}"
+                f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
+                f"{' ...' if len(unexpected) > 20 else ''}"
+            )
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        model.tie_weights()  # assign=True made two Parameters; share one again
+        model.model.reset_rope()
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+    @classmethod
+    def from_gguf(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> Llama:
+        """Loads a llama GGUF file (dequantized by this package's own code; see ``loading.py``)."""
+        from llama_from_scratch.loading import llama_from_gguf
+
+        return llama_from_gguf(path, dtype=dtype)

@@ -1,0 +1,186 @@
+"""Batch grading of a whole class: every notebook in its own limited process, so a notebook that
+hangs, crashes the interpreter, floods its output or touches other files fails its own exercises
+and nothing else, and nothing outside the submissions folder changes."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from llama_from_scratch.batch_grade import Limits, Settings, find_submissions, grade_batch, write_reports
+from llama_from_scratch.grade import main
+from llama_from_scratch.notebook_source import cell_source, read_notebook
+from llama_from_scratch.release import dumps_notebook, make_exercise_notebook
+
+REPO = Path(__file__).resolve().parent.parent
+CH1, CH2 = "ch01_tokenization", "ch02_cross_entropy"
+CH1_EXERCISES = ["get_stats", "merge", "encode_with_merges", "decode_tokens", "split_special"]
+CH1_POINTS = {"get_stats": 1, "merge": 2, "encode_with_merges": 3, "decode_tokens": 2, "split_special": 2}
+
+pytestmark = pytest.mark.skipif(not (REPO / "solutions" / f"{CH1}.ipynb").is_file(),
+                                reason="needs the chapter 1 solution notebook")
+
+
+def solution(chapter: str) -> dict:
+    return read_notebook(REPO / "solutions" / f"{chapter}.ipynb")
+
+
+def sabotage(nb: dict, exercise: str, code: str) -> dict:
+    """Put ``code`` (function-body lines) at the start of the exercise's function body."""
+    for cell in nb["cells"]:
+        source = cell_source(cell)
+        if cell["cell_type"] == "code" and f"def {exercise}(" in source:
+            lines = source.split("\n")
+            at = next(i for i, line in enumerate(lines) if line.startswith(f"def {exercise}(")) + 1
+            lines[at:at] = ["    " + line for line in code.strip("\n").split("\n")]
+            cell["source"] = "\n".join(lines)
+            return nb
+    raise AssertionError(f"no cell defines {exercise}")
+
+
+def save(nb: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dumps_notebook(nb), encoding="utf-8")
+
+
+def tree_hashes(root: Path, skip: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and skip not in p.parents}
+
+
+def make_class(tmp_path: Path) -> tuple[Path, Path]:
+    subs = tmp_path / "submissions"
+    canary = tmp_path / "canary.txt"
+    canary.write_text("do not delete me")
+    alice_nb = subs / "alice" / f"{CH1}.ipynb"
+    save(solution(CH1), alice_nb)                                             # all correct, 2 chapters
+    save(solution(CH2), subs / "alice" / f"{CH2}.ipynb")
+    save(make_exercise_notebook(solution(CH1)), subs / "bob" / f"{CH1}.ipynb")  # untouched stubs
+    nb = sabotage(solution(CH1), "get_stats", "while True:\n    pass")           # endless loops, one
+    save(sabotage(nb, "decode_tokens",                                          # swallowing the alarm
+                  "import time\nwhile True:\n    try:\n        time.sleep(0.05)\n    except BaseException:\n        pass"),
+         subs / "carol" / f"{CH1}.ipynb")
+    save(sabotage(solution(CH1), "split_special", "return ("), subs / "dave" / f"{CH1}.ipynb")  # syntax error
+    nb = sabotage(solution(CH1), "decode_tokens", "import os\nos._exit(0)")     # kills the interpreter
+    save(sabotage(nb, "split_special", "import sys\nsys.exit(3)"), subs / "erin" / f"{CH1}.ipynb")
+    nb = sabotage(solution(CH1), "get_stats", f"open({str(tmp_path / 'evil.txt')!r}, 'w').write('x')")
+    nb = sabotage(nb, "decode_tokens", f"print(open({str(alice_nb)!r}).read())")  # a classmate's work
+    save(sabotage(nb, "split_special", f"import os\nos.remove({str(canary)!r})"), subs / "frank" / f"{CH1}.ipynb")
+    save(sabotage(solution(CH1), "get_stats",                                    # megabytes of output
+                  "import os, sys\nprint('y' * 3_000_000)\nos.write(1, b'x' * 3_000_000)\nsys.stderr.write('z' * 100_000)"),
+         subs / "grace" / f"{CH1}.ipynb")
+    nb = sabotage(solution(CH1), "decode_tokens", "import ctypes\nctypes.string_at(0)")  # segfault
+    save(sabotage(nb, "split_special", "block = bytearray(16 * 1024 ** 3)"), subs / "heidi" / f"{CH1}.ipynb")
+    (subs / "ivan").mkdir()
+    (subs / "ivan" / "notes.ipynb").write_text('{"cells": []}')                   # nothing gradable
+    judy = solution(CH1)
+    for cell in judy["cells"]:                                                   # inflates her points
+        cell["source"] = cell_source(cell).replace("# EXERCISE get_stats (1 point)", "# EXERCISE get_stats (100 points)")
+    save(judy, subs / "judy" / "work" / f"{CH1} (1).ipynb")                      # renamed, in a subfolder
+    return subs, canary
+
+
+def test_a_class_with_broken_and_hostile_notebooks(tmp_path: Path) -> None:
+    subs, canary = make_class(tmp_path)
+    out = tmp_path / "out"
+    before = tree_hashes(tmp_path, skip=out)
+    settings = Settings(solutions=REPO / "solutions", deny=[str(out)],
+                        limits=Limits(timeout=3.0, grace=1.5, memory_mb=3072))
+    report = grade_batch(subs, settings, jobs=2)
+    csv_path, json_path, summary_path = write_reports(report, out / "report.csv")
+
+    assert tree_hashes(tmp_path, skip=out) == before, "grading changed files outside its temp folders"
+    assert canary.read_text() == "do not delete me" and not (tmp_path / "evil.txt").exists()
+
+    assert report.students == ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy"]
+    assert report.chapters == [CH1, CH2]
+    rows = {(r.student, r.chapter, r.exercise): r for r in report.rows}
+    assert len(rows) == len(report.rows) == 10 * 10
+
+    def verdicts(student: str) -> dict[str, tuple[bool, str]]:
+        return {e: (rows[student, CH1, e].passed, rows[student, CH1, e].reason) for e in CH1_EXERCISES}
+
+    def expect(student: str, failures: dict[str, str]) -> None:
+        for e, (passed, reason) in verdicts(student).items():
+            if e in failures:
+                assert not passed and failures[e] in reason, (student, e, reason)
+                assert rows[student, CH1, e].points == 0
+            else:
+                assert passed, (student, e, reason)
+                assert rows[student, CH1, e].points == CH1_POINTS[e]
+            assert rows[student, CH1, e].max_points == CH1_POINTS[e]
+
+    expect("alice", {})
+    assert all(rows["alice", CH2, e].passed for (s, ch, e) in rows if s == "alice" and ch == CH2)
+    expect("bob", {e: "NotImplementedError" for e in CH1_EXERCISES})
+    expect("carol", {"get_stats": "did not finish within 3 s", "encode_with_merges": "did not finish within 3 s",
+                     "decode_tokens": "process was stopped"})
+    expect("dave", {"split_special": "syntax error"})
+    expect("erin", {"decode_tokens": "ended the Python interpreter", "split_special": "sys.exit(3)"})
+    expect("frank", {"get_stats": "refused to write", "encode_with_merges": "refused to write",
+                     "decode_tokens": "refused to read", "split_special": "refused to modify"})
+    expect("grace", {})
+    expect("heidi", {"decode_tokens": "segmentation fault", "split_special": "MemoryError"})
+    expect("ivan", {e: "no notebook submitted" for e in CH1_EXERCISES})
+    expect("judy", {})
+    for student in report.students[1:]:
+        assert all(not rows[student, CH2, e].passed and "no notebook submitted" in rows[student, CH2, e].reason
+                   for (s, ch, e) in rows if s == student and ch == CH2)
+
+    logs = {(n.student, n.chapter): n for n in report.notebooks}
+    assert logs["grace", CH1].output_bytes >= 3_000_000 and len(logs["grace", CH1].output_head) <= 2000
+    assert logs["carol", CH1].processes == 2 and logs["erin", CH1].processes == 2 and logs["heidi", CH1].processes == 2
+    assert logs["judy", CH1].notebook == f"judy/work/{CH1} (1).ipynb"
+    assert any("ivan" in w and "notes.ipynb" in w for w in report.warnings)
+
+    # the files: rows in CSV, totals in JSON and in the summary
+    with open(csv_path, newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [(r["student"], r["chapter"], r["exercise"]) for r in csv_rows] == [
+        (r.student, r.chapter, r.exercise) for r in report.rows]
+    assert {(r["student"], r["passed"]) for r in csv_rows if r["exercise"] == "get_stats"} >= {("alice", "True"), ("bob", "False")}
+    data = json.loads(json_path.read_text())
+    assert data["students"]["alice"]["points"] == 20 == data["students"]["alice"]["max_points"]
+    assert data["students"]["judy"]["points"] == 10 and data["students"]["judy"]["max_points"] == 20
+    assert data["students"]["heidi"]["chapters"][CH1] == {"points": 6, "max_points": 10, "passed": 3, "failed": 2,
+                                                          "submitted": True}
+    assert data["chapters"][CH1]["max_points"] == 10 and data["chapters"][CH1]["submitted"] == 9
+    with open(summary_path, newline="") as f:
+        summary = {r["student"]: r for r in csv.DictReader(f)}
+    assert summary["bob"]["points"] == "0" and summary["alice"]["percent"] == "100.0"
+    assert summary["dave"][f"{CH1}_points"] == "8"
+    table = report.table()
+    assert "alice" in table and "missing" in table and "100.0" in table
+    assert report.seconds < 120
+
+
+def test_submissions_are_matched_to_chapters(tmp_path: Path) -> None:
+    for name in [f"a/{CH1}.ipynb", f"a/ch01-copy.ipynb", f"b/sub/ch2.ipynb", "b/.ipynb_checkpoints/ch01_x.ipynb",
+                 "c/homework.ipynb", ".hidden/ch01_tokenization.ipynb"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("{}")
+    warnings: list[str] = []
+    students, subs = find_submissions(tmp_path, [CH1, CH2], warnings)
+    assert students == ["a", "b", "c"]
+    assert [(s.student, s.chapter, s.path.name) for s in subs] == [
+        ("a", CH1, f"{CH1}.ipynb"), ("b", CH2, "ch2.ipynb")]
+    assert any("several notebooks" in w and "ch01-copy" in w for w in warnings)
+    assert any("homework.ipynb" in w for w in warnings)
+
+
+def test_cli_batch_writes_reports_and_prints_the_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    save(solution(CH1), tmp_path / "subs" / "ann" / f"{CH1}.ipynb")
+    save(make_exercise_notebook(solution(CH1)), tmp_path / "subs" / "ben" / f"{CH1}.ipynb")
+    code = main(["--batch", str(tmp_path / "subs"), "--out", str(tmp_path / "r" / "grades.csv"), "--jobs", "2",
+                 "--timeout", "5", "--solutions", str(REPO / "solutions")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "ann" in printed and "10/10" in printed and "0/10" in printed
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"grades.csv", "grades.json", "grades_summary.csv"}
+    assert main(["--batch", str(tmp_path / "nowhere")]) == 2
+    with pytest.raises(SystemExit):
+        main(["--batch", str(tmp_path / "subs"), str(tmp_path / "x.ipynb")])
