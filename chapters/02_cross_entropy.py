@@ -111,7 +111,8 @@ probs = naive_softmax(z)
 for word, logit, prob in zip(vocab, z.tolist(), probs.tolist()):
     print(f"{word:>4}  logit {logit:5.1f}  ->  p = {prob:.4f}")
 print(f"sum = {probs.sum().item():.4f}")
-print("shifting every logit by 100 changes nothing:", torch.allclose(naive_softmax(z + 100), probs))
+print("adding 10 to every logit changes nothing:", torch.allclose(naive_softmax(z + 10), probs))
+print("adding 100 breaks the naive formula:     ", naive_softmax(z + 100), " <- see section 3")
 
 # %% [markdown]
 # ## 3. Overflow, and the log-sum-exp trick
@@ -126,7 +127,7 @@ print("shifting every logit by 100 changes nothing:", torch.allclose(naive_softm
 big = torch.tensor([1e4, 0.0, -1e4])
 print("naive softmax at logits 1e4:", naive_softmax(big))
 print("naive log(sum(exp(z))):     ", torch.log(torch.exp(big).sum()))
-print("and at -1e4 everywhere:     ", torch.log(torch.exp(big - 2e4).sum()), " (exp underflows to 0)")
+print("naive at -1e4, -2e4, -3e4:   ", torch.log(torch.exp(big - 2e4).sum()), " (exp underflows to 0)")
 
 # %% [markdown]
 # The fix costs one line. Let `m = max(z)`. Then, exactly,
@@ -147,9 +148,9 @@ def stable_logsumexp(z: torch.Tensor) -> torch.Tensor:
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print("stable logsumexp at 1e4: ", stable_logsumexp(big))
-print("stable at -1e4 - 1e4:    ", stable_logsumexp(big - 2e4))
-print("package softmax at 1e4:  ", softmax(big))
+print("stable logsumexp at 1e4:  ", stable_logsumexp(big))
+print("stable at -1e4, -2e4, -3e4:", stable_logsumexp(big - 2e4))
+print("package softmax at 1e4:   ", softmax(big))
 
 x = torch.randn(64, 1000) * 1e4
 torch.testing.assert_close(stable_logsumexp(x), torch.logsumexp(x, dim=-1))

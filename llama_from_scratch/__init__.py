@@ -15,6 +15,29 @@ from llama_from_scratch.tokenizers import TiktokenTokenizer, get_tiktoken_encodi
 # --- Chapter 2: cross-entropy ---
 
 # --- Chapters 3-6: the model and real weights ---
+from llama_from_scratch.normalization import LayerNorm, RMSNorm
+from llama_from_scratch.feed_forward import SwiGLU, llama_hidden_dim
+from llama_from_scratch.rope import (
+    apply_rope,
+    apply_rope_complex,
+    permute_qk_for_rotate_half,
+    precompute_freqs_cis,
+    precompute_rope,
+    rope_inv_freq,
+    rotate_half,
+    unpermute_qk,
+)
+from llama_from_scratch.attention import (
+    GroupedQueryAttention,
+    KVCache,
+    attention_scratch,
+    build_attention_mask,
+    causal_mask,
+    kv_cache_bytes_per_token,
+    repeat_kv,
+)
+from llama_from_scratch.config import LlamaConfig
+from llama_from_scratch.model import Llama, LlamaBackbone, TransformerBlock
 
 # --- Chapter 7: decoding ---
 from llama_from_scratch.sampling import (

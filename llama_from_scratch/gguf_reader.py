@@ -329,13 +329,10 @@ class GGUFFile:
             infos.append((name, dims, type_id, offset))
 
         # The data section starts at the next multiple of the alignment after the tensor table.
+        # A file without tensor data may end before that padding (writers skip it, llama.cpp
+        # accepts it): the data section is then empty, and any tensor with bytes is caught below.
         self.data_offset: int = -(-cur.pos // alignment) * alignment
-        if self.data_offset > self.file_size:
-            raise GGUFError(
-                f"truncated GGUF file: the data section should start at byte {self.data_offset}, "
-                f"past the end of the {self.file_size}-byte file"
-            )
-        data_size = self.file_size - self.data_offset
+        data_size = max(0, self.file_size - self.data_offset)
 
         self.tensors: dict[str, GGUFTensorInfo] = {}
         for name, dims, type_id, offset in infos:
@@ -440,7 +437,7 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     ggml puts element j (j < 16) in the low nibble of byte j and element j + 16 in its high
     nibble, so the low nibbles of all 16 bytes come first, then the high nibbles.
     """
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+    return np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(len(qs), -1)
 
 
 def dequantize(

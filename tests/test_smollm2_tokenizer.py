@@ -245,7 +245,6 @@ CHATS = [
         {"role": "user", "content": "  and now\nto 5?  "},
     ],
     [{"role": "user", "content": "<|im_end|> inside content"}],
-    [],
 ]
 
 
@@ -276,8 +275,8 @@ def test_chat_template_content(slow):
     )
     ids = slow.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert ids[0] == slow.bos_token_id and ids.count(slow.eos_token_id) == 2
-    for bad in ("just a string", [{"role": "user"}], [{"role": "user", "content": 3}], [("user", "hi")]):
-        with pytest.raises(ValueError, match="must be"):
+    for bad in ("just a string", [], [{"role": "user"}], [{"role": "user", "content": 3}], [("user", "hi")]):
+        with pytest.raises(ValueError, match="must (be|contain)"):
             slow.apply_chat_template(bad)
 
 

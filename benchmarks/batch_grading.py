@@ -1,0 +1,87 @@
+"""Wall time of grading a class: 20 students x 2 chapters with ``--batch``.
+
+RESULTS_PLACEHOLDER
+
+The class is built from the solution notebooks in a temporary folder: of every four students one
+hands in the solutions, one the untouched stubs, one a notebook with one broken exercise (an
+endless loop in chapter 1, a crash of the interpreter in chapter 2, so the watchdog and the restart
+of a fresh process are part of the cost) and one a notebook with one wrong answer. Every notebook
+is graded in its own process (Python start, ``import torch`` and the checks: about 2 s of the cost
+of each notebook on a 2-core CPU), ``--jobs`` at a time.
+
+    python benchmarks/batch_grading.py                  # 20 students, jobs = CPU cores
+    python benchmarks/batch_grading.py --students 40 --jobs 4 --timeout 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from llama_from_scratch.batch_grade import Limits, Settings, grade_batch
+from llama_from_scratch.notebook_source import cell_source, exercises_in, read_notebook
+from llama_from_scratch.release import dumps_notebook, make_exercise_notebook
+
+REPO = Path(__file__).resolve().parent.parent
+CHAPTERS = ("ch01_tokenization", "ch02_cross_entropy")
+
+
+def _break(nb: dict, exercise: str, body: str) -> dict:
+    """Put ``body`` at the start of the exercise's function."""
+    for cell in nb["cells"]:
+        source = cell_source(cell)
+        if f"def {exercise}(" in source:
+            lines = source.split("\n")
+            at = next(i for i, line in enumerate(lines) if line.startswith(f"def {exercise}(")) + 1
+            lines[at:at] = ["    " + line for line in body.split("\n")]
+            cell["source"] = "\n".join(lines)
+    return nb
+
+
+def build_class(root: Path, students: int) -> None:
+    for i in range(students):
+        for chapter in CHAPTERS:
+            solution = read_notebook(REPO / "solutions" / f"{chapter}.ipynb")
+            last = exercises_in(solution)[-1].name
+            kind = i % 4
+            if kind == 1:
+                nb = make_exercise_notebook(solution)
+            elif kind == 2:
+                nb = _break(solution, last, "while True:\n    pass" if chapter == CHAPTERS[0] else "import os\nos._exit(1)")
+            elif kind == 3:
+                nb = _break(solution, last, "return None")
+            else:
+                nb = solution
+            path = root / f"student{i:02d}" / f"{chapter}.ipynb"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(dumps_notebook(nb), encoding="utf-8")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--students", type=int, default=20)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count())
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per exercise")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "submissions"
+        build_class(root, args.students)
+        settings = Settings(solutions=REPO / "solutions", limits=Limits(timeout=args.timeout, grace=2.0))
+        started = time.perf_counter()
+        report = grade_batch(root, settings, jobs=args.jobs)
+        seconds = time.perf_counter() - started
+    processes = sum(n.processes for n in report.notebooks)
+    print(report.table())
+    print(f"\n{args.students} students x {len(CHAPTERS)} chapters = {len(report.notebooks)} notebooks, "
+          f"{len(report.rows)} exercises, {processes} grading processes, jobs={args.jobs}, "
+          f"{os.cpu_count()} CPU cores")
+    print(f"wall time {seconds:.1f} s: {seconds / len(report.notebooks):.2f} s per notebook")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
