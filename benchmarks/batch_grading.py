@@ -4,8 +4,8 @@ RESULTS_PLACEHOLDER
 
 The class is built from the solution notebooks in a temporary folder: of every four students one
 hands in the solutions, one the untouched stubs, one a notebook with one broken exercise (an
-endless loop in chapter 1, a crash of the interpreter in chapter 2, so the watchdog and the restart
-of a fresh process are part of the cost) and one a notebook with one wrong answer. Every notebook
+endless loop in chapter 1, which costs the time limit; a crash of the interpreter in chapter 2,
+which costs a fresh process for the exercise after it) and one a notebook with one wrong answer. Every notebook
 is graded in its own process (Python start, ``import torch`` and the checks: about 2 s of the cost
 of each notebook on a 2-core CPU), ``--jobs`` at a time.
 
@@ -46,14 +46,14 @@ def build_class(root: Path, students: int) -> None:
     for i in range(students):
         for chapter in CHAPTERS:
             solution = read_notebook(REPO / "solutions" / f"{chapter}.ipynb")
-            last = exercises_in(solution)[-1].name
+            names = [e.name for e in exercises_in(solution)]
             kind = i % 4
             if kind == 1:
                 nb = make_exercise_notebook(solution)
             elif kind == 2:
-                nb = _break(solution, last, "while True:\n    pass" if chapter == CHAPTERS[0] else "import os\nos._exit(1)")
+                nb = _break(solution, names[-2], "while True:\n    pass" if chapter == CHAPTERS[0] else "import os\nos._exit(1)")
             elif kind == 3:
-                nb = _break(solution, last, "return None")
+                nb = _break(solution, names[-1], "return None")
             else:
                 nb = solution
             path = root / f"student{i:02d}" / f"{chapter}.ipynb"

@@ -38,6 +38,9 @@ from llama_from_scratch.attention import (
 )
 from llama_from_scratch.config import LlamaConfig
 from llama_from_scratch.model import Llama, LlamaBackbone, TransformerBlock
+from llama_from_scratch.gguf_reader import GGUFError, GGUFFile, GGUFTensorInfo, dequantize, read_gguf
+from llama_from_scratch.weights import find_smollm2_gguf
+from llama_from_scratch.smollm2_tokenizer import SmolLM2Tokenizer, load_smollm2_tokenizer, render_chatml
 
 # --- Chapter 7: decoding ---
 from llama_from_scratch.sampling import (

@@ -437,7 +437,7 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     ggml puts element j (j < 16) in the low nibble of byte j and element j + 16 in its high
     nibble, so the low nibbles of all 16 bytes come first, then the high nibbles.
     """
-    return np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(len(qs), -1)
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=1)
 
 
 def dequantize(
