@@ -317,6 +317,8 @@ def _run_child(notebook: Path, chapter: str, exercises: list[str], points: dict[
                 break
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
+            if len(buffer) > 1 << 20:  # a megabyte without a newline is not from the grader
+                buffer = b""
             for line in lines:
                 try:
                     event = json.loads(line)
@@ -511,6 +513,13 @@ def write_reports(report: BatchReport, out: Path) -> tuple[Path, Path, Path]:
     return csv_path, json_path, summary_path
 
 
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def grade_batch(root: Path, settings: Settings | None = None, jobs: int | None = None,
                 chapters: list[str] | None = None, progress: Callable[[str], None] | None = None) -> BatchReport:
     """Grade every student folder of ``root``. ``chapters``: the chapters every student owes
@@ -556,7 +565,7 @@ def grade_batch(root: Path, settings: Settings | None = None, jobs: int | None =
             if (s, ch) not in submitted:
                 rows += [Row(s, ch, e, False, f"no notebook submitted for {ch} (expected {ch}.ipynb)", 0,
                              points[s, ch][e], 0.0) for e in names[ch]]
-    jobs = max(1, jobs or os.cpu_count() or 1)
+    jobs = max(1, jobs or _cores())
     done = 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {pool.submit(grade_submission, sub, names[sub.chapter], points[sub.student, sub.chapter],

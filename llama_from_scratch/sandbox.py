@@ -31,10 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import stat
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
 MAX_REASON_CHARS = 2000
@@ -55,7 +52,7 @@ _FORBIDDEN_EVENTS = {
     "socket.getaddrinfo": "network access",
 }
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_SYSTEM_READ_ROOTS = ("/usr", "/lib", "/lib32", "/lib64", "/etc", "/proc", "/sys", "/dev", "/opt/conda")
+_SYSTEM_READ_ROOTS = ("/usr", "/lib", "/lib32", "/lib64", "/etc", "/proc", "/sys", "/dev")
 _DEVICES_WRITABLE = ("/dev/null", "/dev/tty")
 
 
@@ -144,10 +141,13 @@ def set_limits(memory_mb: int | None, file_mb: int | None, cpu_s: float | None) 
 class _Channel:
     """JSON lines on the dedicated results pipe (never stdout, which the student's code owns)."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, workdir: str) -> None:
         self.fd = fd
+        self.workdir = workdir.rstrip("/") + "/"
 
     def send(self, **event: Any) -> None:
+        if isinstance(event.get("reason"), str):  # the temp folder means nothing to a student
+            event["reason"] = event["reason"].replace(self.workdir, "")[:MAX_REASON_CHARS]
         data = (json.dumps(event) + "\n").encode()
         while data:
             data = data[os.write(self.fd, data):]
@@ -169,7 +169,7 @@ def _child_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deny", action="append", default=[])
     parser.add_argument("--allow-read", action="append", default=[])
     args = parser.parse_args(argv)
-    channel = _Channel(args.results_fd)
+    channel = _Channel(args.results_fd, os.getcwd())
     set_limits(args.memory_mb, args.file_mb, args.cpu_s)
     sys.path[:0] = args.python_path
 

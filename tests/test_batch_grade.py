@@ -84,6 +84,7 @@ def make_class(tmp_path: Path) -> tuple[Path, Path]:
     return subs, canary
 
 
+@pytest.mark.slow
 def test_a_class_with_broken_and_hostile_notebooks(tmp_path: Path) -> None:
     subs, canary = make_class(tmp_path)
     out = tmp_path / "out"
@@ -184,3 +185,26 @@ def test_cli_batch_writes_reports_and_prints_the_table(tmp_path: Path, capsys: p
     assert main(["--batch", str(tmp_path / "nowhere")]) == 2
     with pytest.raises(SystemExit):
         main(["--batch", str(tmp_path / "subs"), str(tmp_path / "x.ipynb")])
+
+
+def test_private_checks_package_and_points_without_solutions(tmp_path: Path) -> None:
+    """An instructor's own checks (not installed: --checks-path) grade a chapter; with no solution
+    notebook the points come from the student's notebook, with a warning."""
+    package = tmp_path / "pkgs" / "privchecks"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "ch01_square.py").write_text(
+        "import random\n\ndef check_square(fn):\n    x = random.randint(-99, 99)\n"
+        "    assert fn(x) == x * x, f'square({x}) returned {fn(x)!r}'\n\nCHECKS = {'square': check_square}\n")
+    cells = ["# EXERCISE square (4 points)\ndef square(x):\n    return x * x", "# EXERCISE square (4 points)\ndef square(x):\n    return 10 ** 6"]
+    for student, cell in zip(["ok", "memorised"], cells):
+        nb = {"cells": [{"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None, "source": cell}],
+              "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+        save(nb, tmp_path / "subs" / student / "ch01_square.ipynb")
+    settings = Settings(checks_package="privchecks", python_path=[str(tmp_path / "pkgs")], solutions=None,
+                        limits=Limits(timeout=5.0))
+    report = grade_batch(tmp_path / "subs", settings, jobs=2)
+    rows = {r.student: r for r in report.rows}
+    assert rows["ok"].passed and rows["ok"].points == 4 == rows["ok"].max_points
+    assert not rows["memorised"].passed and "returned 1000000" in rows["memorised"].reason
+    assert any("no solution notebook" in w for w in report.warnings)
