@@ -177,8 +177,8 @@ def test_sampling_reproducible_and_top_k_1_is_greedy(models):
     ours, _ = models
     ids = torch.stack(prompts(5, 5, seed=9))
 
-    def draw(seed, **kw):
-        return generate(ours, ids, 15, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+    def draw(seed, temperature=1.0, **kw):
+        return generate(ours, ids, 15, temperature=temperature, generator=torch.Generator().manual_seed(seed), **kw)
 
     assert torch.equal(draw(0), draw(0))
     assert not torch.equal(draw(0), draw(1))

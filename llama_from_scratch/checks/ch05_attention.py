@@ -220,7 +220,7 @@ def check_kv_cache_size_bytes(fn: Callable) -> None:
     """``fn(n_layers, n_kv_heads, head_dim, seq_len, batch_size=1, dtype=torch.bfloat16)`` in bytes."""
     rng = _rng()
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8]
-    cases = [(30, 3, 64, 8192, 1, torch.bfloat16), (16, 8, 64, 8192, 1, torch.float32), (80, 8, 128, 4096, 4, torch.float16)]
+    cases = [(16, 8, 64, 8192, 1, torch.float32), (30, 3, 64, 8192, 1, torch.bfloat16), (80, 8, 128, 4096, 4, torch.float16)]
     cases += [(rng.randrange(1, 100), rng.randrange(1, 17), rng.choice([32, 64, 80, 128, 7]), rng.randrange(1, 200_000),
                rng.randrange(1, 33), rng.choice(dtypes)) for _ in range(20)]
     for n_layers, n_kv_heads, head_dim, seq_len, batch_size, dtype in cases:
@@ -234,11 +234,12 @@ def check_kv_cache_size_bytes(fn: Callable) -> None:
         if isinstance(got, bool) or not isinstance(got, int):
             raise AssertionError(f"{call} must return an int (a number of bytes), got {type(got).__name__} {got!r}")
         if got != expected:
-            hint = ""
+            hints = []
             if 2 * got == expected:
-                hint = " That is half: the cache holds keys AND values (the factor 2)."
-            elif got * size == expected:
-                hint = f" You counted elements, not bytes: multiply by the element size ({size} bytes for {dtype})."
+                hints.append(" That is half: the cache holds keys AND values (the factor 2).")
+            if got * size == expected:
+                hints.append(f" Did you count elements, not bytes? Multiply by the element size ({size} bytes for {dtype}).")
+            hint = "".join(hints)
             raise AssertionError(f"{call} returned {got:,}; expected {expected:,} = 2 * n_layers * n_kv_heads * head_dim * "
                                  f"seq_len * batch_size * {size} bytes.{hint}")
     # the default dtype is bfloat16
