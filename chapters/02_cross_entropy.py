@@ -372,8 +372,8 @@ for chunk_size in [64, 100, 128, 1000]:                  # some divide N = 300, 
 # and Python's `tracemalloc` does not see torch's C++ allocations. What the operating system does
 # report is the process's **peak resident memory**, `resource.getrusage(...).ru_maxrss`. It only
 # ever goes up, so each measurement runs in a **fresh subprocess**: build the inputs, read the
-# peak (the baseline), run forward + backward once, read the peak again. The difference is what
-# the loss needed at its worst moment. (The same measurement, with a sweep and timings, is
+# memory in use (the baseline), run forward + backward once, read the peak. The difference is
+# what the loss needed at its worst moment. (The same measurement, with a sweep and timings, is
 # `benchmarks/cross_entropy_memory.py`.)
 
 # %%
@@ -384,18 +384,22 @@ from llama_from_scratch.loss import chunked_cross_entropy
 variant, n, vocab, dim, chunk = sys.argv[1], *map(int, sys.argv[2:6])
 torch.manual_seed(0)
 hidden = torch.randn(n, dim, requires_grad=True)
-weight = (torch.randn(vocab, dim) / dim ** 0.5).requires_grad_()
+weight = torch.randn(vocab, dim).div_(dim ** 0.5).requires_grad_()   # in place: no transient copy
 targets = torch.randint(0, vocab, (n,))
 hidden.grad, weight.grad = torch.zeros_like(hidden), torch.zeros_like(weight)
 F.cross_entropy(hidden[:4] @ weight[:8].T, targets[:4] % 8).backward()   # warm-up
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+KIB = 1 if sys.platform != "darwin" else 1024                            # macOS reports bytes
+try:                                      # resident memory now (Linux); else the high-water mark
+    before = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 1024
+except OSError:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB
 start = time.perf_counter()
 if variant == "plain":
     F.cross_entropy(hidden @ weight.T, targets).backward()
 else:
     chunked_cross_entropy(hidden, weight, targets, chunk_size=chunk).backward()
 seconds = time.perf_counter() - start
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / KIB
 print(json.dumps({"peak_mib": (after - before) / 1024, "seconds": seconds}))
 """
 

@@ -43,6 +43,7 @@ from llama_from_scratch.weights import find_smollm2_gguf
 from llama_from_scratch.smollm2_tokenizer import SmolLM2Tokenizer, load_smollm2_tokenizer, render_chatml
 
 # --- Chapter 7: decoding ---
+from llama_from_scratch.generation import beam_search, generate
 from llama_from_scratch.sampling import (
     apply_repetition_penalty,
     apply_temperature,

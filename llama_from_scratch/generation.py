@@ -195,7 +195,6 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
-    *,
     attention_mask: torch.Tensor | None = None,
     pad_token_id: int | None = None,
     stream: Callable[[torch.Tensor], None] | None = None,
@@ -242,7 +241,8 @@ def generate(
     _check_input_ids(input_ids)
     _check_lengths(model, input_ids.shape[1], max_new_tokens)
     _check_sampling_args(temperature, top_k, top_p, min_p, allow_zero_temperature=True)
-    if not isinstance(repetition_penalty, numbers.Real) or isinstance(repetition_penalty, bool) or not repetition_penalty > 0:
+    if (not isinstance(repetition_penalty, numbers.Real) or isinstance(repetition_penalty, bool)
+            or not repetition_penalty > 0):
         raise ValueError(f"repetition_penalty must be a number > 0 (1.0 = off), got {repetition_penalty!r}")
     eos = _token_id_list(eos_token_id, "eos_token_id")
     pad = _check_pad(pad_token_id, eos)
@@ -309,7 +309,6 @@ def beam_search(
     max_new_tokens: int,
     length_penalty: float = 1.0,
     eos_token_id: int | Sequence[int] | None = None,
-    *,
     attention_mask: torch.Tensor | None = None,
     pad_token_id: int | None = None,
     use_cache: bool = True,
@@ -342,7 +341,15 @@ def beam_search(
        maximal length when ``length_penalty > 0`` (the exact bound); ``True`` stops a prompt as
        soon as it has ``num_beams`` finished hypotheses.
 
-    ``eos_token_id`` may be an int or a list. ``num_beams=1`` is greedy decoding.
+    ``eos_token_id`` may be an int or a list. ``num_beams=1`` is greedy decoding. The arguments
+    after ``eos_token_id`` are additions to the chapter's API: ``attention_mask`` for left-padded
+    batches (as in :func:`generate`), ``use_cache=False`` to recompute every step, and
+    ``early_stopping`` (``transformers``' option of that name).
+
+    One deliberate difference: where a returned hypothesis is shorter than the longest one, the
+    gap is filled with ``pad_token_id``. ``transformers`` fills it with ``pad_token_id or
+    eos_token_id`` and so uses the EOS id when ``pad_token_id == 0`` (Python's ``or`` treats 0 as
+    missing); the tokens themselves are the same.
     """
     _check_input_ids(input_ids)
     if not _is_int(num_beams) or num_beams < 1:

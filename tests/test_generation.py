@@ -241,14 +241,16 @@ def test_bfloat16_weights():
 # --------------------------------------------------------------------------------------------
 
 
-# eos 97 / 106 are emitted by some beams of this prompt, so finished hypotheses of different
-# lengths compete and the length penalty decides (lp 0 and -1 pick a short EOS-ended one).
+# The EOS ids are emitted by some beams of this prompt, so finished hypotheses of different
+# lengths compete and the length penalty decides (lp 0 and -1 pick a short EOS-ended one);
+# with early_stopping=True and eos [4, 46] the search stops after 8 tokens.
 BEAM_CASES = [
     dict(num_beams=2, length_penalty=1.0, eos=None, early_stopping=False),
     dict(num_beams=3, length_penalty=1.0, eos=97, early_stopping=False),
     dict(num_beams=3, length_penalty=0.0, eos=97, early_stopping=False),
     dict(num_beams=3, length_penalty=-1.0, eos=106, early_stopping=False),
-    dict(num_beams=4, length_penalty=2.0, eos=[32, 46], early_stopping=True),
+    dict(num_beams=4, length_penalty=2.0, eos=97, early_stopping=False),
+    dict(num_beams=4, length_penalty=1.0, eos=[4, 46], early_stopping=True),
     dict(num_beams=2, length_penalty=0.5, eos=97, early_stopping="never"),
 ]
 
@@ -273,20 +275,24 @@ def test_beam_search_short_result_with_length_penalty_0(models):
     assert got.shape[1] < 7 + 12 and int(got[0, -1]) == 97
 
 
-def test_beam_search_batched_left_padded_equals_hf_and_cache_free(models):
+# (length_penalty, eos) for which the two prompts' best hypotheses end at different lengths
+# (found by trying EOS ids on this seeded model): the shorter row is filled with the pad id.
+@pytest.mark.parametrize("lp,eos", [(1.0, 38), (0.0, 91)])
+def test_beam_search_batched_left_padded_equals_hf_and_cache_free(models, lp, eos):
     ours, ref = models
-    ids, mask = left_pad(prompts(7, 4, seed=13))
-    free = beam_search(ours, ids, 3, 10, attention_mask=mask)
-    eos = int(free[1, -4])  # the second prompt's best beam contains it: rows end at different lengths
-    expected = hf_generate(ref, ids, mask, max_new_tokens=10, num_beams=3, eos_token_id=eos, pad_token_id=1)
-    got = beam_search(ours, ids, 3, 10, eos_token_id=eos, pad_token_id=1, attention_mask=mask)
+    seqs = prompts(7, 4, seed=13)
+    ids, mask = left_pad(seqs)
+    T = ids.shape[1]
+    expected = hf_generate(ref, ids, mask, max_new_tokens=10, num_beams=3, eos_token_id=eos, pad_token_id=1,
+                           length_penalty=lp)
+    got = beam_search(ours, ids, 3, 10, lp, eos, pad_token_id=1, attention_mask=mask)
     assert torch.equal(got, expected)
-    assert torch.equal(beam_search(ours, ids, 3, 10, eos_token_id=eos, pad_token_id=1, attention_mask=mask,
+    assert (got[1, T:] == 1).any()  # the scenario: row 1 ended early and was padded
+    assert torch.equal(beam_search(ours, ids, 3, 10, lp, eos, pad_token_id=1, attention_mask=mask,
                                    use_cache=False), got)
     # each prompt alone gives its row (up to the padding of the shorter result)
-    T = ids.shape[1]
-    for b, s in enumerate(prompts(7, 4, seed=13)):
-        alone = beam_search(ours, s[None], 3, 10, eos_token_id=eos, pad_token_id=1)
+    for b, s in enumerate(seqs):
+        alone = beam_search(ours, s[None], 3, 10, lp, eos, pad_token_id=1)
         n = alone.shape[1] - len(s)
         assert torch.equal(got[b, T:T + n], alone[0, len(s):])
         assert (got[b, T + n:] == 1).all()
