@@ -255,7 +255,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             del z
 
         # Kept as attributes, not save_for_backward: they are our own buffers (not inputs or
-        # outputs), and backward scales them in place instead of allocating a second [V, D].
+        # outputs), returned as they are when the incoming gradient is 1 (no second [V, D]).
         ctx.grads = (grad_hidden, grad_weight) if compute_grads else None
         ctx.input_dtypes = (hidden.dtype, weight.dtype)
         loss = total / n_valid if reduction == "mean" else total
@@ -264,14 +264,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         if ctx.grads is None:
-            raise RuntimeError("chunked_cross_entropy's gradients were not computed (gradients were "
-                               "disabled, or this graph was already backpropagated once)")
+            raise RuntimeError("chunked_cross_entropy was called with gradients disabled; "
+                               "it cannot be backpropagated")
         grad_hidden, grad_weight = ctx.grads
-        ctx.grads = None                                  # free them with the graph; single use
         g = grad_output.to(grad_hidden.dtype)
-        if not bool(g == 1):                              # loss.backward() passes exactly 1
-            grad_hidden.mul_(g)
-            grad_weight.mul_(g)
+        if not bool(g == 1):            # loss.backward() passes exactly 1: skip two [.., D] copies
+            grad_hidden, grad_weight = grad_hidden * g, grad_weight * g   # not in place: reusable
         hidden_dtype, weight_dtype = ctx.input_dtypes
         return (grad_hidden.to(hidden_dtype), grad_weight.to(weight_dtype),
                 None, None, None, None, None, None)

@@ -312,3 +312,16 @@ def test_chunked_gradcheck_in_float64():
     w = weight.double().requires_grad_()
     assert torch.autograd.gradcheck(
         lambda a, b: chunked_cross_entropy(a, b, targets, chunk_size=3, label_smoothing=0.1), (h, w))
+
+
+def test_chunked_backward_twice_with_retain_graph_accumulates_like_autograd():
+    hidden, weight, targets = chunked_problem(10, 4, 9, seed=16)
+    w = weight.clone().requires_grad_()
+    loss = chunked_cross_entropy(hidden, w, targets, chunk_size=3)
+    loss.backward(retain_graph=True)
+    once = w.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(w.grad, 2 * once)
+    w_ref = weight.clone().requires_grad_()
+    F.cross_entropy(hidden @ w_ref.T, targets).backward()
+    torch.testing.assert_close(once, w_ref.grad)
