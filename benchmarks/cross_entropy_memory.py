@@ -1,30 +1,31 @@
 """Peak memory and time of forward + backward: plain cross-entropy vs the chunked loss.
 
-Printed output (2-core shared CPU, torch 2.13, float32, 2 timed repeats):
+Printed output (2-core shared CPU, torch 2.13, float32):
 
-    $ python benchmarks/cross_entropy_memory.py --repeats 2 --plot ce.png
+    $ python benchmarks/cross_entropy_memory.py --repeats 1 --plot ce.png
          N variant   logits MiB  peak MiB  x torch   time s  x torch
-      1024 torch            192       491     1.00     1.63     1.00
-      1024 ours             192       491     1.00     1.78     1.09
-      1024 chunk1024        192       223     0.45     0.72     0.44
-      2048 torch            384      1067     1.00     1.56     1.00
-      2048 ours             384      1067     1.00     1.57     1.01
-      2048 chunk1024        384       225     0.21     2.65     1.70
-      4096 torch            768      2219     1.00    10.83     1.00
-      4096 ours             768      2219     1.00    17.88     1.65
-      4096 chunk1024        768       230     0.10    14.36     1.33
-      8192 torch           1536      4523     1.00    25.46     1.00
-      8192 ours            1536      4523     1.00    10.66     0.42
-      8192 chunk1024       1536       244     0.05    18.19     0.71
+      1024 torch            192       599     1.00     3.36     1.00
+      1024 ours             192       599     1.00     4.47     1.33
+      1024 chunk1024        192       331     0.55     4.20     1.25
+      2048 torch            384      1175     1.00     9.13     1.00
+      2048 ours             384      1175     1.00    10.03     1.10
+      2048 chunk1024        384       333     0.28     5.86     0.64
+      4096 torch            768      2327     1.00    10.63     1.00
+      4096 ours             768      2327     1.00    15.33     1.44
+      4096 chunk1024        768       340     0.15    12.43     1.17
+      8192 torch           1536      4631     1.00    20.61     1.00
+      8192 ours            1536      4631     1.00    27.83     1.35
+      8192 chunk1024       1536       347     0.07    25.13     1.22
     largest loss difference between variants at the same N: 9.54e-07
 
 Peak memory is reproducible to a few MiB from run to run. The plain loss (torch's or ours, the
-same) needs ~2.9 [N, V] float32 tensors at its peak (logits, softmax / exp, gradient of the
-logits); the chunked one needs ~one [chunk_size, V] buffer plus a few MiB, whatever N is: 18x
-less at N = 8192 (244 MiB vs 4523 MiB). The times above were taken while other jobs loaded the
-machine (load average ~6 on 2 cores) and are noise-dominated (the same variant ran 2x faster
-or slower between runs): rerun on a quiet machine before quoting a time ratio. All three variants
-do the same three matmuls (2 * N * D * V flops each), so no variant should be much slower.
+same) needs ~3 [N, V] float32 tensors at its peak (logits, softmax / exp, gradient of the
+logits) plus the [V, D] weight gradient (108 MiB); the chunked one needs one [chunk_size, V]
+buffer plus that weight gradient, whatever N is: 13x less at N = 8192 (347 MiB vs 4631 MiB).
+The times were taken while other jobs loaded the machine (load average ~6.5 on 2 cores) and are
+noise-dominated (the same variant ran 2x faster or slower between runs): rerun on a quiet machine
+before quoting a time ratio. All three variants do the same three matmuls (2 * N * D * V flops
+each), so no variant should be much slower.
 
 Setting: SmolLM2-135M's output layer (vocabulary 49152, hidden size 576), float32, gradients
 with respect to both the hidden states and the output weight. Variants:

@@ -13,6 +13,7 @@ from llama_from_scratch.bpe import GPT4_SPLIT_PATTERN, BPETokenizer, get_stats, 
 from llama_from_scratch.tokenizers import TiktokenTokenizer, get_tiktoken_encoding, load_tokenizer
 
 # --- Chapter 2: cross-entropy ---
+from llama_from_scratch.loss import chunked_cross_entropy, cross_entropy, log_softmax, logsumexp, perplexity, softmax
 
 # --- Chapters 3-6: the model and real weights ---
 from llama_from_scratch.normalization import LayerNorm, RMSNorm

@@ -1,0 +1,641 @@
+"""The pretraining loop (chapter 8): accumulation, clipping, schedule, mixed precision, evaluation,
+samples, checkpoints that resume the exact same run, and DistributedDataParallel.
+
+One optimizer step ("step") is ``grad_accum_steps`` micro-batches of ``batch_size`` blocks per
+process; with ``W`` processes the global batch is ``batch_size * grad_accum_steps * W`` blocks.
+Which blocks a step uses is a pure function of ``(seed, step)`` (:class:`~llama_from_scratch.data.StepSampler`),
+which is what makes resuming exact and makes ``W`` processes with batch ``b`` compute what one
+process with batch ``W * b`` computes.
+
+Checkpoints are folders::
+
+    step_000100/
+        model.safetensors      weights (a tied lm_head is stored once and re-tied on load)
+        training_state.pt      step, optimizer state, RNG states, history: tensors and plain
+                               Python values only, so torch.load(weights_only=True) reads it
+        config.json            the TrainConfig and the model's LlamaConfig
+
+written to a temporary folder next to the target and renamed into place, so a crash never leaves
+a half-written checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llama_from_scratch.data import StepSampler, TokenBlockDataset
+from llama_from_scratch.environment import pick_device, supports_bf16
+from llama_from_scratch.loss import cross_entropy
+from llama_from_scratch.optim import (AdamW, GaLoreAdamW, clip_grad_norm, cosine_schedule, galore_param_groups,
+                                      weight_decay_groups)
+
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "train",
+    "TrainingDiverged",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "estimate_flops_per_token",
+    "estimate_mfu",
+]
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "training_state.pt"
+CONFIG_FILE = "config.json"
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite; ``.step`` is the 0-based step."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder is missing, incomplete, corrupt, or made for another model/optimizer."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved into every checkpoint as JSON).
+
+    Attributes:
+        max_steps: optimizer steps in the run (also the end of the cosine schedule).
+        batch_size: blocks per micro-batch *per process*.
+        grad_accum_steps: micro-batches whose gradients are summed before each optimizer step.
+        max_lr, min_lr, warmup_steps: :func:`~llama_from_scratch.optim.cosine_schedule`.
+        weight_decay: AdamW's decoupled decay, applied to matrices only (not to RMSNorm gains).
+        betas, eps: AdamW's.
+        grad_clip: max global gradient norm (0 or None: no clipping; the norm is still logged).
+        eval_interval: validate every this many steps and after the last (0: never).
+        eval_steps: validation batches per evaluation (fixed, unshuffled).
+        sample_interval: print a sample every this many steps when a tokenizer is given (0: never).
+        sample_prompt, sample_tokens, sample_temperature, sample_top_k: the sample.
+        checkpoint_dir: where ``step_XXXXXX`` folders go (None: no checkpoints).
+        checkpoint_interval: save every this many steps and after the last (0: only after the last).
+        seed: data order and RNG seeds.
+        device: "auto" (cuda > mps > cpu) or a torch device string.
+        dtype: "auto" (bf16 autocast on a CUDA GPU that supports it, fp32 elsewhere), "bf16" or
+            "fp32". Weights and optimizer state stay float32; bf16 is autocast for the forward
+            pass. (CPU bf16 autocast works but is usually slower than fp32 on CPUs without AMX.)
+        optimizer: "adamw" or "galore" (:class:`~llama_from_scratch.optim.GaLoreAdamW`).
+        galore_rank, galore_update_proj_gap, galore_scale: GaLore's settings.
+        peak_flops: the hardware's peak FLOP/s (e.g. 989e12 for an H100's bf16 dense); when set the
+            history reports model FLOPs utilization (MFU).
+        progress: show a tqdm bar (rank 0 only).
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float | None = 1.0
+    eval_interval: int = 100
+    eval_steps: int = 10
+    sample_interval: int = 0
+    sample_prompt: str = "Once upon a time"
+    sample_tokens: int = 48
+    sample_temperature: float = 0.8
+    sample_top_k: int | None = 50
+    checkpoint_dir: str | None = None
+    checkpoint_interval: int = 0
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    optimizer: str = "adamw"
+    galore_rank: int = 128
+    galore_update_proj_gap: int = 200
+    galore_scale: float = 0.25
+    peak_flops: float | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        for name in ("max_steps", "batch_size", "grad_accum_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_interval", "eval_steps", "sample_interval", "checkpoint_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {value!r}")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        if not 0.0 <= self.min_lr <= self.max_lr:
+            raise ValueError(f"need 0 <= min_lr <= max_lr, got {self.min_lr}, {self.max_lr}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"dtype must be 'auto', 'bf16' or 'fp32', got {self.dtype!r}")
+        if self.optimizer not in ("adamw", "galore"):
+            raise ValueError(f"optimizer must be 'adamw' or 'galore', got {self.optimizer!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs and MFU
+# --------------------------------------------------------------------------------------------
+
+
+def estimate_flops_per_token(model: nn.Module, seq_len: int) -> int:
+    """Training FLOPs per token: ``6 N + 12 L d T`` (Kaplan et al.; PaLM appendix B; nanoGPT).
+
+    ``N`` counts the parameters that take part in matrix multiplies: all of them, except an
+    *untied* token-embedding matrix (a lookup, no FLOPs); a tied one counts once, as the output
+    layer. Each such weight costs 2 FLOPs per token forward and 4 backward: ``6 N``. Attention's
+    score and value products add ``2 * 2 * d * T`` per layer and token forward, times 3 with the
+    backward: ``12 L d T`` (``d`` = heads x head size; the causal mask's halving is ignored,
+    the usual convention, so that MFU figures compare across codebases).
+    """
+    config = model.config
+    n = sum(p.numel() for p in model.parameters())
+    if not config.tie_embeddings:
+        n -= model.model.embed_tokens.weight.numel()
+    return 6 * n + 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
+
+
+def estimate_mfu(flops_per_token: float, tokens_per_sec: float, peak_flops: float) -> float:
+    """Model FLOPs utilization: achieved model FLOP/s over the hardware's peak."""
+    return flops_per_token * tokens_per_sec / peak_flops
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(internal), gauss_next],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _model_config_dict(model: nn.Module) -> dict[str, Any] | None:
+    config = getattr(model, "config", None)
+    return config.to_dict() if hasattr(config, "to_dict") else None
+
+
+def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with every shared tensor stored once (safetensors refuses aliases), and
+    the aliases ``{dropped_name: kept_name}`` to restore them."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() > 0 and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    return tensors, aliases
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    step: int = 0, train_config: TrainConfig | None = None,
+                    history: list[dict] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Writes a checkpoint folder at ``path`` atomically (temp folder in the same parent, then
+    rename; an existing checkpoint there is replaced only once the new one is complete)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # unwrap DDP
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = None
+    try:
+        tensors, aliases = _dedup_state_dict(model)
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": int(step),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "rng": _rng_state(),
+            "history": list(history or []),
+            "extra": extra or {},
+        }
+        torch.save(state, tmp / STATE_FILE)
+        config = {"format": CHECKPOINT_FORMAT, "step": int(step),
+                  "train": train_config.to_dict() if train_config is not None else None,
+                  "model": _model_config_dict(model),
+                  "optimizer_class": type(optimizer).__name__ if optimizer is not None else None}
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not path.exists():
+            os.replace(old, path)  # put the previous checkpoint back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    restore_rng: bool = True) -> dict[str, Any]:
+    """Loads a checkpoint folder into ``model`` (and ``optimizer``), restores the RNG states and
+    returns ``{"step", "history", "train_config", "extra"}``.
+
+    Raises :class:`CheckpointError` naming the problem for a missing folder or file, a corrupt
+    (e.g. truncated) file, or a checkpoint made for a different model shape or optimizer.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    model = getattr(model, "module", model)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint folder at {path}")
+    missing = [name for name in (MODEL_FILE, STATE_FILE, CONFIG_FILE) if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}")
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON ({e})") from e
+
+    saved_model_config, current = config.get("model"), _model_config_dict(model)
+    if saved_model_config is not None and current is not None and saved_model_config != current:
+        diffs = {k: (saved_model_config.get(k), current.get(k)) for k in set(saved_model_config) | set(current)
+                 if saved_model_config.get(k) != current.get(k)}
+        raise CheckpointError(
+            f"checkpoint {path} was saved for a different model: (checkpoint, this model) = {diffs}")
+    if optimizer is not None and config.get("optimizer_class") not in (None, type(optimizer).__name__):
+        raise CheckpointError(f"checkpoint {path} holds {config['optimizer_class']} state; the optimizer here is "
+                              f"{type(optimizer).__name__}")
+
+    try:
+        with safe_open(str(path / MODEL_FILE), framework="pt", device="cpu") as f:
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for truncated or garbled files
+        raise CheckpointError(f"cannot read weights {path / MODEL_FILE} (corrupt or truncated?): {e}") from e
+    for alias, name in aliases.items():
+        if name in tensors:
+            tensors[alias] = tensors[name]
+    expected = model.state_dict()
+    missing_keys = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong_shape = [f"{k}: {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                   if k in tensors and tensors[k].shape != v.shape]
+    if missing_keys or unexpected or wrong_shape:
+        raise CheckpointError(f"weights in {path} do not fit the model: missing {missing_keys[:10]}, unexpected "
+                              f"{unexpected[:10]}, shape mismatches (checkpoint vs model) {wrong_shape[:10]}")
+
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path / STATE_FILE} (corrupt or truncated?): {e}") from e
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path / STATE_FILE} is not a format-{CHECKPOINT_FORMAT} training state")
+
+    with torch.no_grad():
+        model.load_state_dict(tensors, strict=True)
+    if optimizer is not None:
+        if state["optimizer"] is None:
+            raise CheckpointError(f"checkpoint {path} holds no optimizer state")
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"optimizer state in {path} does not fit this optimizer: {e}") from e
+    if restore_rng:
+        _set_rng_state(state["rng"])
+    train = config.get("train")
+    return {"step": state["step"], "history": state["history"], "extra": state["extra"],
+            "train_config": TrainConfig.from_dict(train) if train else None}
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """The ``step_XXXXXX`` folder with the highest step in ``checkpoint_dir`` (None if none)."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return None
+    steps = [(int(p.name[5:]), p) for p in folder.iterdir()
+             if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return max(steps)[1] if steps else None
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+
+
+def _as_dataset(data) -> TokenBlockDataset | None:
+    if data is None or isinstance(data, TokenBlockDataset):
+        return data
+    if isinstance(data, torch.Tensor):
+        return TokenBlockDataset(data)
+    raise TypeError(f"data must be a [N, block_size + 1] LongTensor or a TokenBlockDataset, got {type(data).__name__}")
+
+
+class Trainer:
+    """Trains ``model`` (a :class:`~llama_from_scratch.model.Llama`, or any module mapping ids
+    ``[B, T]`` to logits ``[B, T, V]``) on packed blocks.
+
+    ``train_data`` / ``val_data``: a ``[N, block_size + 1]`` LongTensor (from
+    :func:`~llama_from_scratch.data.pack_tokens`) or a :class:`~llama_from_scratch.data.TokenBlockDataset`.
+    Under ``torchrun`` (``torch.distributed`` initialized before the Trainer is built) the model is
+    wrapped in ``DistributedDataParallel`` and each process takes its slice of every global batch;
+    only rank 0 prints, samples and saves.
+
+    ``trainer.train()`` runs to ``config.max_steps`` (``train(steps=k)`` runs ``k`` more) and
+    returns ``trainer.history``: one dict per step with ``step`` (0-based), ``lr``, ``train_loss``,
+    ``grad_norm``, ``tokens_per_sec``, ``val_loss`` (None except at evaluations) and ``mfu`` (when
+    ``peak_flops`` is set).
+    """
+
+    def __init__(self, model: nn.Module, train_data, val_data=None, config: TrainConfig | None = None,
+                 tokenizer=None) -> None:
+        self.config = config = config if config is not None else TrainConfig()
+        self.tokenizer = tokenizer
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        self.world_size = dist.get_world_size() if self.distributed else 1
+        self.is_main = self.rank == 0
+
+        if config.device == "auto":
+            device = pick_device()
+            if device.type == "cuda" and self.distributed:
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        else:
+            device = pick_device(config.device)
+        self.device = device
+        if config.dtype == "bf16" and not supports_bf16(device):
+            raise ValueError(f"bf16 autocast is not supported on {device}")
+        self.use_bf16 = config.dtype == "bf16" or (config.dtype == "auto" and device.type == "cuda"
+                                                   and supports_bf16(device))
+
+        self.model = model.to(device)
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.ddp_model = DDP(self.model, device_ids=device_ids)
+        else:
+            self.ddp_model = self.model
+
+        self.train_data = _as_dataset(train_data)
+        self.val_data = _as_dataset(val_data)
+        if self.train_data is None or len(self.train_data) == 0:
+            raise ValueError("train_data is empty")
+        self.block_size = self.train_data.block_size
+        self.sampler = StepSampler(len(self.train_data), config.batch_size, seed=config.seed, rank=self.rank,
+                                   world_size=self.world_size)
+        self.optimizer = self._build_optimizer()
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.samples: list[dict[str, Any]] = []
+        self.flops_per_token = (estimate_flops_per_token(self.model, self.block_size)
+                                if hasattr(self.model, "config") and hasattr(self.model.config, "n_layers")
+                                else None)
+
+    # ----- setup ----------------------------------------------------------------------------
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        if c.optimizer == "galore":
+            groups = galore_param_groups(self.model, rank=c.galore_rank, update_proj_gap=c.galore_update_proj_gap,
+                                         scale=c.galore_scale, weight_decay=c.weight_decay)
+            return GaLoreAdamW(groups, lr=c.max_lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+        return AdamW(weight_decay_groups(self.model, c.weight_decay), lr=c.max_lr, betas=c.betas, eps=c.eps,
+                     weight_decay=c.weight_decay)
+
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    def _all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t = t / self.world_size
+        return t
+
+    def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = model(x)
+        return cross_entropy(logits.float(), y)
+
+    # ----- one step -------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step (``grad_accum_steps`` micro-batches); returns its history record."""
+        c, step = self.config, self.step
+        lr = cosine_schedule(step, c.max_lr, c.min_lr, c.warmup_steps, c.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        t0 = time.perf_counter()
+        total = torch.zeros((), device=self.device)
+        for micro in range(c.grad_accum_steps):
+            x, y = self.train_data.batch(self.sampler.indices(step * c.grad_accum_steps + micro))
+            x, y = x.to(self.device), y.to(self.device)
+            last = micro == c.grad_accum_steps - 1
+            # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
+            sync = contextlib.nullcontext() if last or self.world_size == 1 else self.ddp_model.no_sync()
+            with sync:
+                loss = self._loss(self.ddp_model, x, y)
+                (loss / c.grad_accum_steps).backward()
+            total += loss.detach() / c.grad_accum_steps
+        train_loss = self._all_reduce_mean(total).item()
+        if not math.isfinite(train_loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(f"training diverged: loss is {train_loss} at step {step}", step)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = clip_grad_norm(params, c.grad_clip if c.grad_clip else float("inf")).item()
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(f"training diverged: gradient norm is {grad_norm} at step {step}", step)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        tokens = c.batch_size * c.grad_accum_steps * self.world_size * self.block_size
+        record = {"step": step, "lr": lr, "train_loss": train_loss, "val_loss": None, "grad_norm": grad_norm,
+                  "tokens_per_sec": tokens / dt if dt > 0 else float("inf")}
+        if c.peak_flops and self.flops_per_token:
+            record["mfu"] = estimate_mfu(self.flops_per_token, record["tokens_per_sec"], c.peak_flops)
+        self.step += 1
+        self.history.append(record)
+        return record
+
+    # ----- evaluation and samples -------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation loss over ``eval_steps`` fixed batches (the same every time; under DDP
+        each process takes its slice of each global batch). None without validation data."""
+        if self.val_data is None or self.config.eval_steps == 0:
+            return None
+        sampler = StepSampler(len(self.val_data), self.config.batch_size, rank=self.rank,
+                              world_size=self.world_size, shuffle=False)
+        was_training = self.model.training
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for i in range(self.config.eval_steps):
+            x, y = self.val_data.batch(sampler.indices(i))
+            total += self._loss(self.model, x.to(self.device), y.to(self.device))
+        self.model.train(was_training)
+        return self._all_reduce_mean(total / self.config.eval_steps).item()
+
+    @torch.no_grad()
+    def sample(self, prompt: str | None = None, max_new_tokens: int | None = None) -> str:
+        """A sampled continuation of ``prompt`` (needs a tokenizer); uses its own seeded generator,
+        so sampling does not disturb the training run's random state."""
+        from llama_from_scratch.generation import generate
+
+        if self.tokenizer is None:
+            raise ValueError("sampling needs a tokenizer (Trainer(..., tokenizer=...))")
+        c = self.config
+        prompt = c.sample_prompt if prompt is None else prompt
+        ids = list(self.tokenizer.encode(prompt)) or [self.tokenizer.eos_token_id]
+        max_new = c.sample_tokens if max_new_tokens is None else max_new_tokens
+        max_new = max(1, min(max_new, self.model.config.max_seq_len - len(ids)))
+        generator = torch.Generator(device=self.device).manual_seed(c.seed + self.step)
+        with self._autocast():
+            out = generate(self.model, torch.tensor([ids], device=self.device), max_new,
+                           temperature=c.sample_temperature, top_k=c.sample_top_k, generator=generator,
+                           eos_token_id=getattr(self.tokenizer, "eos_token_id", None))
+        return self.tokenizer.decode(out[0].tolist())
+
+    # ----- the loop ---------------------------------------------------------------------------
+
+    def train(self, steps: int | None = None) -> list[dict[str, Any]]:
+        """Trains until ``config.max_steps`` (or for ``steps`` more steps); returns the history."""
+        from tqdm.auto import tqdm
+
+        c = self.config
+        end = c.max_steps if steps is None else min(c.max_steps, self.step + steps)
+        bar = tqdm(total=end - self.step, disable=not (c.progress and self.is_main), desc="train")
+        try:
+            while self.step < end:
+                record = self.train_step()
+                done = self.step
+                if c.eval_interval and (done % c.eval_interval == 0 or done == c.max_steps):
+                    record["val_loss"] = self.evaluate()
+                if (c.sample_interval and self.tokenizer is not None and self.is_main
+                        and (done % c.sample_interval == 0 or done == c.max_steps)):
+                    text = self.sample()
+                    self.samples.append({"step": record["step"], "text": text})
+                    bar.write(f"[step {record['step']}] {text!r}")
+                if c.checkpoint_dir and ((c.checkpoint_interval and done % c.checkpoint_interval == 0)
+                                         or done == c.max_steps):
+                    self.save_checkpoint()
+                postfix = {"loss": f"{record['train_loss']:.4f}", "lr": f"{record['lr']:.2e}"}
+                if record["val_loss"] is not None:
+                    postfix["val"] = f"{record['val_loss']:.4f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+        finally:
+            bar.close()
+        return self.history
+
+    # ----- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
+        """Saves to ``path`` (default ``checkpoint_dir/step_XXXXXX``); only rank 0 writes, the
+        others wait for it. Returns the folder (None on other ranks)."""
+        if path is None:
+            if not self.config.checkpoint_dir:
+                raise ValueError("no path given and config.checkpoint_dir is not set")
+            path = Path(self.config.checkpoint_dir) / f"step_{self.step:06d}"
+        saved = None
+        if self.is_main:
+            saved = save_checkpoint(path, self.model, self.optimizer, self.step, self.config, self.history)
+        if self.world_size > 1:
+            dist.barrier()
+        return saved
+
+    def load_checkpoint(self, path: str | os.PathLike) -> int:
+        """Restores model, optimizer, step, history and RNG states from ``path`` so that
+        :meth:`train` continues the exact same run. Returns the step."""
+        info = load_checkpoint(path, self.model, self.optimizer)
+        saved = info["train_config"]
+        if saved is not None:
+            # These decide which data each step sees and what the optimizer state means: a
+            # different value would not continue the same run. (max_steps may change.)
+            for name in ("optimizer", "batch_size", "grad_accum_steps", "seed"):
+                if getattr(saved, name) != getattr(self.config, name):
+                    raise CheckpointError(f"checkpoint {path} was made with {name}={getattr(saved, name)!r}, "
+                                          f"this run has {name}={getattr(self.config, name)!r}")
+        self.step = info["step"]
+        self.history = list(info["history"])
+        return self.step
+
+
+def train(model: nn.Module, data, val_data=None, config: TrainConfig | None = None, tokenizer=None,
+          resume_from: str | os.PathLike | None = None, **overrides) -> Trainer:
+    """Functional entry: builds a :class:`Trainer` (``overrides`` replace ``config`` fields), resumes
+    from a checkpoint if given, trains to ``max_steps`` and returns the trainer (its ``history``,
+    ``samples`` and ``model``)."""
+    base = config.to_dict() if config is not None else {}
+    base.update(overrides)
+    trainer = Trainer(model, data, val_data, TrainConfig.from_dict(base), tokenizer=tokenizer)
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from)
+    trainer.train()
+    return trainer
+
