@@ -54,3 +54,35 @@ from llama_from_scratch.sampling import (
     top_k_filter,
     top_p_filter,
 )
+
+# --- Chapter 8: pretraining ---
+from llama_from_scratch.optim import (
+    AdamW,
+    GaLoreAdamW,
+    clip_grad_norm,
+    cosine_schedule,
+    galore_param_groups,
+    optimizer_state_bytes,
+    weight_decay_groups,
+)
+from llama_from_scratch.data import (
+    StepSampler,
+    TokenBlockDataset,
+    load_token_file,
+    make_dataloader,
+    pack_tokens,
+    synthetic_corpus,
+    train_val_split,
+)
+from llama_from_scratch.trainer import (
+    CheckpointError,
+    TrainConfig,
+    Trainer,
+    TrainingDiverged,
+    estimate_flops_per_token,
+    estimate_mfu,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)

@@ -41,8 +41,8 @@ def _check_hparams(lr: float, betas: tuple[float, float], eps: float, weight_dec
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
 
 
-def _adam_update(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, beta1: float, beta2: float,
-                 eps: float) -> torch.Tensor:
+def _adam_direction(grad: torch.Tensor, state: dict, lr: float, beta1: float, beta2: float,
+                    eps: float) -> torch.Tensor:
     """Updates the moments in ``state`` with ``grad`` and returns the Adam direction
     ``m_hat / (sqrt(v_hat) + eps)`` scaled by ``lr`` (torch's exact operation order)."""
     exp_avg, exp_avg_sq, step_t = state["exp_avg"], state["exp_avg_sq"], state["step"]
@@ -331,6 +331,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if int(state["step"].item()) % group["update_proj_gap"] == 0 and state["step"].item() > 0:
                     state["projector"] = self._new_projector(grad, rank)
                 low_grad = self.project(grad, state["projector"])
-                direction = _adam_update(p, low_grad, state, lr, beta1, beta2, eps)
+                direction = _adam_direction(low_grad, state, lr, beta1, beta2, eps)
                 p.add_(self.project_back(direction, state["projector"], p.shape), alpha=-group["scale"])
         return loss

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -150,6 +151,21 @@ def load_data(data_cfg: dict, model_config: LlamaConfig, seed: int):
         raise SystemExit(f"block_size {block_size} exceeds the model's max_seq_len {model_config.max_seq_len}")
     train_docs, val_docs = train_val_split(docs, data_cfg.get("val_fraction", 0.1), seed=seed)
     return pack_tokens(train_docs, block_size, eos), pack_tokens(val_docs, block_size, eos), tokenizer
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this submodule makes ``llama_from_scratch.train`` (the package attribute) this
+    module, hiding the package's :func:`~llama_from_scratch.trainer.train` function of the same
+    name. Calling the module therefore calls that function: ``lfs.train(model, data, ...)``
+    works whichever of the two the attribute holds."""
+
+    def __call__(self, *args, **kwargs):
+        from llama_from_scratch.trainer import train as train_function
+
+        return train_function(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 
 def main(argv: list[str] | None = None) -> int:

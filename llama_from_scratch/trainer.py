@@ -612,15 +612,18 @@ class Trainer:
     def load_checkpoint(self, path: str | os.PathLike) -> int:
         """Restores model, optimizer, step, history and RNG states from ``path`` so that
         :meth:`train` continues the exact same run. Returns the step."""
-        info = load_checkpoint(path, self.model, self.optimizer)
-        saved = info["train_config"]
+        try:
+            saved = json.loads((Path(path) / CONFIG_FILE).read_text()).get("train")
+        except (OSError, ValueError, AttributeError):
+            saved = None  # load_checkpoint below reports what is wrong with the folder
         if saved is not None:
             # These decide which data each step sees and what the optimizer state means: a
             # different value would not continue the same run. (max_steps may change.)
             for name in ("optimizer", "batch_size", "grad_accum_steps", "seed"):
-                if getattr(saved, name) != getattr(self.config, name):
-                    raise CheckpointError(f"checkpoint {path} was made with {name}={getattr(saved, name)!r}, "
+                if saved.get(name) != getattr(self.config, name):
+                    raise CheckpointError(f"checkpoint {path} was made with {name}={saved.get(name)!r}, "
                                           f"this run has {name}={getattr(self.config, name)!r}")
+        info = load_checkpoint(path, self.model, self.optimizer)
         self.step = info["step"]
         self.history = list(info["history"])
         return self.step

@@ -246,3 +246,40 @@ def test_train_config_validation():
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         TrainConfig.from_dict({"max_step": 3})
     assert TrainConfig.from_dict(TrainConfig(betas=[0.9, 0.99]).to_dict()).betas == (0.9, 0.99)
+
+
+def test_command_line_run_and_resume(tmp_path, capsys):
+    from llama_from_scratch.train import main
+
+    model = json.dumps(dict(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64,
+                            max_seq_len=32))
+    common = ["--synthetic", "--model", model, "--block_size", "16", "--max_steps", "6", "--batch_size", "4",
+              "--warmup_steps", "2", "--device", "cpu", "--progress", "false", "--eval_interval", "0"]
+    main(common + ["--history_out", str(tmp_path / "straight.json")])
+    ckpt = tmp_path / "ckpt"
+    # Stop after 3 steps by saving every 3 and resuming from the first checkpoint.
+    main(common + ["--checkpoint_dir", str(ckpt), "--checkpoint_interval", "3"])
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_000003", "step_000006"]
+    import shutil
+
+    shutil.rmtree(ckpt / "step_000006")
+    main(common + ["--checkpoint_dir", str(ckpt), "--resume", "latest", "--history_out", str(tmp_path / "r.json")])
+    assert "resumed from" in capsys.readouterr().out
+    straight = json.loads((tmp_path / "straight.json").read_text())
+    resumed = json.loads((tmp_path / "r.json").read_text())
+    assert torch.equal(torch.tensor([r["train_loss"] for r in resumed]),
+                       torch.tensor([r["train_loss"] for r in straight]))
+    with pytest.raises(SystemExit):
+        main(["--max_steps", "2"])  # no data
+
+
+def test_the_cli_module_does_not_hide_the_train_function(blocks):
+    import importlib
+
+    import llama_from_scratch
+
+    module = importlib.import_module("llama_from_scratch.train")  # sets llama_from_scratch.train = module
+    assert callable(module) and callable(llama_from_scratch.train)
+    train_blocks, _ = blocks
+    trainer = llama_from_scratch.train(make_model(), train_blocks, None, config(max_steps=2))
+    assert isinstance(trainer, Trainer) and trainer.step == 2
