@@ -30,7 +30,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(tmp_path):
                                "grad_accum_steps": 2, "eval_interval": 3, "eval_steps": 2, "device": "cpu",
                                "dtype": "fp32", "progress": False, "seed": 3,
                                "model": json.loads(MODEL), "data": {"synthetic": True, "block_size": 16}}))
-    common = ["-m", "llama_from_scratch.train", "--config", str(cfg)]
+    common = ["-m", "llama_from_scratch.pretrain", "--config", str(cfg)]
     _run([sys.executable, *common, "--batch_size", "4", "--history_out", str(tmp_path / "one.json")], tmp_path)
     out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *common,
                 "--batch_size", "2", "--history_out", str(tmp_path / "two.json"),

@@ -249,7 +249,7 @@ def test_train_config_validation():
 
 
 def test_command_line_run_and_resume(tmp_path, capsys):
-    from llama_from_scratch.train import main
+    from llama_from_scratch.pretrain import main
 
     model = json.dumps(dict(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=64,
                             max_seq_len=32))
@@ -273,13 +273,3 @@ def test_command_line_run_and_resume(tmp_path, capsys):
         main(["--max_steps", "2"])  # no data
 
 
-def test_the_cli_module_does_not_hide_the_train_function(blocks):
-    import importlib
-
-    import llama_from_scratch
-
-    module = importlib.import_module("llama_from_scratch.train")  # sets llama_from_scratch.train = module
-    assert callable(module) and callable(llama_from_scratch.train)
-    train_blocks, _ = blocks
-    trainer = llama_from_scratch.train(make_model(), train_blocks, None, config(max_steps=2))
-    assert isinstance(trainer, Trainer) and trainer.step == 2

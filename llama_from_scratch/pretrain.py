@@ -1,8 +1,8 @@
 """Command-line pretraining, single process or distributed (chapter 8).
 
-    python -m llama_from_scratch.train --synthetic --max_steps 200
-    python -m llama_from_scratch.train --config run.json --data stories.txt --tokenizer smollm2
-    torchrun --nproc_per_node 2 -m llama_from_scratch.train --config run.json --batch_size 4
+    python -m llama_from_scratch.pretrain --synthetic --max_steps 200
+    python -m llama_from_scratch.pretrain --config run.json --data stories.txt --tokenizer smollm2
+    torchrun --nproc_per_node 2 -m llama_from_scratch.pretrain --config run.json --batch_size 4
 
 ``--config`` is a JSON file whose keys are :class:`~llama_from_scratch.trainer.TrainConfig` fields
 plus, optionally, ``"model"`` (``{"preset": "tiny", ...LlamaConfig fields}``) and ``"data"``
@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import sys
-import types
 import typing
 from pathlib import Path
 
@@ -55,7 +54,7 @@ def _optional(convert):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m llama_from_scratch.train", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m llama_from_scratch.pretrain", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON file of TrainConfig fields (+ 'model', 'data')")
     parser.add_argument("--data", help="token ids (.pt / .npy) or a text file (needs --tokenizer)")
@@ -153,19 +152,6 @@ def load_data(data_cfg: dict, model_config: LlamaConfig, seed: int):
     return pack_tokens(train_docs, block_size, eos), pack_tokens(val_docs, block_size, eos), tokenizer
 
 
-class _CallableModule(types.ModuleType):
-    """Importing this submodule makes ``llama_from_scratch.train`` (the package attribute) this
-    module, hiding the package's :func:`~llama_from_scratch.trainer.train` function of the same
-    name. Calling the module therefore calls that function: ``lfs.train(model, data, ...)``
-    works whichever of the two the attribute holds."""
-
-    def __call__(self, *args, **kwargs):
-        from llama_from_scratch.trainer import train as train_function
-
-        return train_function(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 
 def main(argv: list[str] | None = None) -> int:
