@@ -87,3 +87,22 @@ from llama_from_scratch.trainer import (
     save_checkpoint,
     train,
 )
+
+# --- Chapters 12-13: reward modelling, PPO and DPO ---
+from llama_from_scratch.reward import RewardModel, last_token_index, pairwise_accuracy, reward_loss
+from llama_from_scratch.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_gae,
+    entropy_from_logits,
+    kl_penalized_rewards,
+    logprobs_from_logits,
+    masked_mean,
+    masked_var,
+    ppo_policy_loss,
+    ppo_value_loss,
+    sequence_logprobs,
+    value_clipfrac,
+    whiten,
+)
+from llama_from_scratch.dpo import dpo_loss
