@@ -88,6 +88,20 @@ from llama_from_scratch.trainer import (
     train,
 )
 
+# --- Chapter 9: instruction tuning ---
+from llama_from_scratch.instruct import (
+    ALPACA_PROMPT,
+    ALPACA_PROMPT_WITH_INPUT,
+    InstructionDataset,
+    format_alpaca,
+    format_chatml,
+    instruction_collate,
+    load_instructions,
+    sft_loss,
+    shift_for_trainer,
+)
+from llama_from_scratch.self_instruct import filter_instruction, load_seed_tasks, rouge_l, self_instruct, smollm2_generator
+
 # --- Chapters 12-13: reward modelling, PPO and DPO ---
 from llama_from_scratch.reward import RewardModel, last_token_index, pairwise_accuracy, reward_loss
 from llama_from_scratch.ppo import (

@@ -1,0 +1,235 @@
+"""Self-instruct: ROUGE-L from scratch, prompt building and parsing, filters, and the loop."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+
+import pytest
+
+from llama_from_scratch.self_instruct import (encode_prompt, filter_instruction, instance_prompt, is_classification,
+                                              lcs_length, load_seed_tasks, max_rouge_l, parse_instance,
+                                              parse_instructions, rouge_l, self_instruct, smollm2_generator)
+
+# ----- ROUGE-L --------------------------------------------------------------------------------
+
+
+def test_lcs_hand_computed():
+    assert lcs_length("ABCBDAB", "BDCABA") == 4          # the textbook example (BCBA)
+    assert lcs_length("", "abc") == 0 and lcs_length("abc", "") == 0
+    assert lcs_length("abc", "abc") == 3 and lcs_length("abc", "def") == 0
+    assert lcs_length([1, 2, 3, 4], [4, 3, 2, 1]) == 1
+
+
+@pytest.mark.parametrize("a, b, expected", [
+    ("the cat sat on the mat", "the cat lay on the mat", 2 * 5 / 12),    # LCS "the cat on the mat"
+    ("a b c", "c b a", 2 * 1 / 6),
+    ("Write a poem", "write A   POEM", 1.0),                            # lowercased, whitespace split
+    ("one two three four", "two four", 2 * 2 / 6),
+    ("x", "y", 0.0),
+    ("", "anything", 0.0),
+    ("", "", 0.0),
+])
+def test_rouge_l_hand_computed(a, b, expected):
+    assert rouge_l(a, b) == pytest.approx(expected, abs=1e-15)
+    assert rouge_l(b, a) == pytest.approx(expected, abs=1e-15)
+
+
+def test_rouge_l_matches_rouge_score_package():
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rng = random.Random(0)
+    vocab = ["the", "a", "cat", "dog", "sat", "on", "mat", "write", "poem", "list", "3", "42"]
+    for _ in range(300):
+        a = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 12)))
+        b = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 12)))
+        assert rouge_l(a, b) == pytest.approx(scorer.score(a, b)["rougeL"].fmeasure, abs=1e-12)
+
+
+def test_max_rouge_l_equals_brute_force():
+    rng = random.Random(1)
+    vocab = "write a short poem about the sea list five facts on cats".split()
+    texts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 9))) for _ in range(60)]
+    for t in texts[:20]:
+        assert max_rouge_l(t, texts[20:]) == pytest.approx(max(rouge_l(t, o) for o in texts[20:]), abs=1e-15)
+    assert max_rouge_l("anything", []) == 0.0
+    with pytest.raises(TypeError):
+        rouge_l("a", None)
+
+
+# ----- prompts and parsing --------------------------------------------------------------------
+
+def test_encode_prompt_exact():
+    assert encode_prompt(["Name a colour.", "Add  two\nnumbers."]) == (
+        "Come up with a series of new and diverse tasks:\nTask 1: Name a colour.\nTask 2: Add two numbers.\nTask 3:")
+    with pytest.raises(ValueError):
+        encode_prompt([])
+
+
+def test_parse_instructions():
+    completion = (" Write a haiku about autumn.\nTask 4: Translate the sentence into Spanish,\n"
+                  "keeping the tone.\n\nTask 5:   \nTask 6: Give three uses for a brick.\n"
+                  "Task 2: Restarted list item.\nTask 3: more")
+    assert parse_instructions(completion, start=3) == [
+        "Write a haiku about autumn.", "Translate the sentence into Spanish, keeping the tone.",
+        "Give three uses for a brick."]
+    # without a start number, every numbered line is an item ("7." style too)
+    assert parse_instructions("1. First task here\n2) Second task here\n3: Third") == [
+        "First task here", "Second task here", "Third"]
+    assert parse_instructions("") == []
+
+
+@pytest.mark.parametrize("instruction, reason", [
+    ("Sort this", "too_short"),
+    (" ".join(["word"] * 151), "too_long"),
+    ("Draw a cat for my sister please", "blacklisted"),
+    ("Describe the image in detail please", "blacklisted"),
+    ("Explain the graph of sales", "blacklisted"),
+    ("- Write a poem about rain", "starts_with_punctuation"),
+    ("«Write» a poem about rain", "non_ascii_start"),
+    ("Name a colour of the rainbow", "duplicate"),
+    ("Name one colour of the rainbow", "too_similar"),
+    ("Write a limerick about a cat", None),
+])
+def test_filter_instruction(instruction, reason):
+    existing = ["name a colour   of the rainbow", "Add two numbers together"]
+    assert filter_instruction(instruction, existing) == reason
+
+
+def test_filter_threshold_boundary():
+    # rouge_l = 2 * 3 / (4 + 4) = 0.75: rejected at 0.7, kept at 0.8
+    assert filter_instruction("write a long poem", ["write a short poem"]) == "too_similar"
+    assert filter_instruction("write a long poem", ["write a short poem"], threshold=0.8) is None
+
+
+def test_is_classification_heuristic_and_model():
+    assert is_classification("Classify the review as positive or negative.")
+    assert is_classification("Is this email spam?")
+    assert not is_classification("Write a story about a dragon.")
+    assert is_classification("Write a story about a dragon.", lambda p: " Yes, it is.")
+    assert not is_classification("Classify the review.", lambda p: "no")
+    # an unreadable answer falls back to the heuristic
+    assert is_classification("Classify the review.", lambda p: "???")
+
+
+def test_instance_prompts_and_parsing():
+    demo = {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"}
+    gen = instance_prompt("Double the number.", classification=False, demos=[demo])
+    assert gen.endswith("Task: Add the numbers.\nInput: 2 + 3\nOutput: 5\n\nTask: Double the number.\nInput:")
+    cls = instance_prompt("Is the number even?", classification=True,
+                          demos=[{"instruction": "Say hi", "input": "", "output": "Hi"}])
+    assert cls.endswith("Task: Say hi\nClass label: Hi\nInput: <noinput>\n\nTask: Is the number even?\nClass label:")
+    assert parse_instance(" 21\nOutput: 42\n\nTask: something else", classification=False) == ("21", "42")
+    assert parse_instance(" <noinput>\nOutput: Hello there.", classification=False) == ("", "Hello there.")
+    assert parse_instance(" Even\nInput: 8\nTask: next", classification=True) == ("8", "Even")
+    assert parse_instance(" just rambling", classification=False) is None
+
+
+# ----- the loop with a fake deterministic model -----------------------------------------------
+
+SEEDS = [
+    {"instruction": "Name a colour of the rainbow.", "input": "", "output": "Red."},
+    {"instruction": "Add the two numbers.", "input": "2 + 3", "output": "5"},
+    {"instruction": "Classify the sentiment of the review.", "input": "Great food!", "output": "Positive"},
+]
+
+
+class FakeModel:
+    """Canned continuations chosen by the kind of prompt; records every prompt it saw."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def generate(self, prompt: str) -> str:
+        self.prompts.append(prompt)
+        if prompt.startswith("Come up with a series"):
+            return (" Write a limerick about a lazy cat.\n"
+                    "Task 5: Name a colour of the rainbow.\n"                       # duplicate of a seed
+                    "Task 6: Sort it\n"                                             # too short
+                    "Task 7: Draw a map of your town.\n"                            # blacklisted
+                    "Task 8: Name one colour of the rainbow.\n"                     # too similar to a seed
+                    "Task 9: Decide whether the email is spam or not spam.\n"       # classification
+                    "Task 10: Write a limerick about a lazy dog.\n"                 # similar to task 4, same round
+                    "Task 11: Summarise the story of a famous novel in a sentence.\n"
+                    "Task 12: Give me nothing at all please.")
+        if "Class label:" in prompt:
+            return " Spam\nInput: You won a free phone! Click now.\n\nTask: ignored"
+        if "Summarise the story" in prompt:
+            return " <noinput>\nOutput: A boy wizard fights a dark lord."
+        if "Give me nothing" in prompt:
+            return " <noinput>\nOutput:"
+        return " <noinput>\nOutput: There once was a cat who was lazy,\nwhose plans were all terribly hazy."
+
+
+def test_self_instruct_with_fake_model():
+    model = FakeModel()
+    tasks, rejected = self_instruct(model, SEEDS, num_rounds=1, num_prompt_instructions=3, seed=0)
+    assert [t["instruction"] for t in tasks] == [
+        "Write a limerick about a lazy cat.", "Decide whether the email is spam or not spam.",
+        "Summarise the story of a famous novel in a sentence."]
+    assert tasks[0] == {"instruction": "Write a limerick about a lazy cat.", "input": "",
+                        "output": "There once was a cat who was lazy,\nwhose plans were all terribly hazy.",
+                        "is_classification": False}
+    assert tasks[1]["is_classification"] and tasks[1]["output"] == "Spam"
+    assert tasks[1]["input"] == "You won a free phone! Click now."
+    assert rejected == Counter({"duplicate": 1, "too_short": 1, "blacklisted": 1, "too_similar": 2,
+                                "empty_output": 1})
+    # the generation prompt showed the three seeds
+    assert all(s["instruction"] in model.prompts[0] for s in SEEDS)
+
+
+def test_self_instruct_second_round_reuses_machine_tasks_and_is_deterministic():
+    a = self_instruct(FakeModel().generate, SEEDS, num_rounds=2, num_prompt_instructions=3, seed=5)
+    b = self_instruct(FakeModel().generate, SEEDS, num_rounds=2, num_prompt_instructions=3, seed=5)
+    assert a == b
+    model = FakeModel()
+    tasks, rejected = self_instruct(model, SEEDS, num_rounds=2, num_prompt_instructions=3, seed=5)
+    second_prompt = [p for p in model.prompts if p.startswith("Come up with a series")][1]
+    assert sum(t["instruction"] in second_prompt for t in tasks) == 2   # num_machine_instructions
+    # round 2 gets the same canned list: its four accepted-or-seed instructions are now duplicates
+    assert len(tasks) == 3 and rejected["duplicate"] == 1 + 4 and rejected["empty_output"] == 2
+
+
+def test_self_instruct_argument_errors():
+    with pytest.raises(TypeError, match="generator"):
+        self_instruct(object(), SEEDS)
+    with pytest.raises(ValueError, match="seed"):
+        self_instruct(lambda p: "", [])
+    with pytest.raises(ValueError, match="instruction"):
+        self_instruct(lambda p: "", [{"output": "x"}])
+    assert self_instruct(lambda p: "", SEEDS, num_rounds=0) == ([], Counter())
+    with pytest.raises(ValueError, match="max_instructions_per_round"):
+        self_instruct(lambda p: "", SEEDS, max_instructions_per_round=0)
+
+
+def test_self_instruct_max_instructions_per_round():
+    model = FakeModel()
+    tasks, rejected = self_instruct(model, SEEDS, num_prompt_instructions=3, max_instructions_per_round=2, seed=0)
+    assert [t["instruction"] for t in tasks] == ["Write a limerick about a lazy cat."]
+    assert rejected == Counter({"duplicate": 1}) and len(model.prompts) == 2
+
+
+def test_load_seed_tasks_from_the_dataset():
+    seeds = load_seed_tasks(25)
+    assert len(seeds) == 25 and load_seed_tasks(25) == seeds
+    cats = Counter(s["category"] for s in seeds)
+    assert "refusal" not in cats and len(cats) == 9 and max(cats.values()) - min(cats.values()) <= 1
+    assert len({s["instruction"] + s["input"] for s in seeds}) == 25
+
+
+@pytest.mark.smollm2
+def test_self_instruct_one_round_with_smollm2():
+    from llama_from_scratch.loading import load_smollm2
+    model, tokenizer = load_smollm2()
+    t0 = time.perf_counter()
+    fn = smollm2_generator(model, tokenizer, max_new_tokens=12, temperature=0.7, seed=0)
+    tasks, rejected = self_instruct(fn, load_seed_tasks(25), num_rounds=1, num_prompt_instructions=3,
+                                    max_instructions_per_round=1, seed=0)
+    elapsed = time.perf_counter() - t0
+    assert isinstance(rejected, Counter) and isinstance(tasks, list)
+    for t in tasks:
+        assert set(t) == {"instruction", "input", "output", "is_classification"} and t["output"].strip()
+        assert filter_instruction(t["instruction"], []) is None
+    # Two model calls of 12 tokens: ~10 s on an idle 2-core CPU. Not asserted (shared CI machines).
+    print(f"one self-instruct round with SmolLM2: {elapsed:.1f} s, {len(tasks)} accepted, rejected {dict(rejected)}")
