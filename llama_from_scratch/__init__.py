@@ -102,6 +102,26 @@ from llama_from_scratch.instruct import (
 )
 from llama_from_scratch.self_instruct import filter_instruction, load_seed_tasks, rouge_l, self_instruct, smollm2_generator
 
+# --- Chapters 10-11: LoRA, NF4 quantization and QLoRA ---
+from llama_from_scratch.lora import LoRALinear, apply_lora, count_parameters, lora_parameters, merge_lora
+from llama_from_scratch.quantization import (
+    NF4_BLOCKSIZES,
+    NF4_CODE,
+    LinearNF4,
+    create_dynamic_map,
+    create_normal_map,
+    dequantize_absmax_int8,
+    dequantize_blockwise_8bit,
+    dequantize_nf4,
+    double_dequantize,
+    double_quantize,
+    memory_footprint,
+    quantize_absmax_int8,
+    quantize_blockwise_8bit,
+    quantize_model_nf4,
+    quantize_nf4,
+)
+
 # --- Chapters 12-13: reward modelling, PPO and DPO ---
 from llama_from_scratch.reward import RewardModel, last_token_index, pairwise_accuracy, reward_loss
 from llama_from_scratch.ppo import (
