@@ -140,3 +140,4 @@ from llama_from_scratch.ppo import (
     whiten,
 )
 from llama_from_scratch.dpo import dpo_loss
+from llama_from_scratch.preferences import load_preferences, preference_margin, preferences_dir
