@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_from_scratch.rope import apply_rope
+from llama_from_scratch.rope import apply_rope, rotate_half
 
 # `enable_gqa` (attention of many query heads on fewer key/value heads without copying them)
 # arrived in torch 2.5.
@@ -176,6 +176,7 @@ class GroupedQueryAttention(nn.Module):
         layer_idx: int | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Attention output for ``x`` (``[B, T, dim]``) -> ``[B, T, dim]``.
 
@@ -190,6 +191,11 @@ class GroupedQueryAttention(nn.Module):
                 positions (``start_pos + T`` with a cache, ``T`` without).
             position_ids: explicit RoPE positions ``[B, T]`` (e.g. restarting after left padding);
                 default ``start_pos + arange(T)``.
+            rope: optional ``(cos, sin)`` already selected for these ``T`` positions (``[T, D]``
+                or ``[B, 1, T, D]``) and cast to ``x``'s dtype; then ``cos``, ``sin`` and
+                ``position_ids`` are not looked at. The model passes it: the selection is the
+                same for every layer, so it is done once per forward pass instead of once per
+                layer (:meth:`~llama_from_scratch.model.LlamaBackbone.forward`).
         """
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected x of shape [B, T, {self.dim}], got {tuple(x.shape)}")
@@ -202,8 +208,13 @@ class GroupedQueryAttention(nn.Module):
         v = self.v_proj(x).view(bsz, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
         # Rotate queries and keys to their positions (values carry no position).
-        q = apply_rope(q, cos, sin, offset=start_pos, position_ids=position_ids)
-        k = apply_rope(k, cos, sin, offset=start_pos, position_ids=position_ids)
+        if rope is None:
+            q = apply_rope(q, cos, sin, offset=start_pos, position_ids=position_ids)
+            k = apply_rope(k, cos, sin, offset=start_pos, position_ids=position_ids)
+        else:
+            cos_t, sin_t = rope  # what apply_rope computes, with the table lookup done by the caller
+            q = q * cos_t + rotate_half(q) * sin_t
+            k = k * cos_t + rotate_half(k) * sin_t
 
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v, start_pos)  # all positions 0 .. start_pos + T - 1

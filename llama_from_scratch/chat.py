@@ -180,7 +180,8 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=_top_p, default=DEFAULT_TOP_P,
                    help=f"nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1] "
                         f"(default {DEFAULT_TOP_P})")
-    p.add_argument("--top-k", type=_positive_int, default=None, help="keep only the k most likely tokens (default off)")
+    p.add_argument("--top-k", type=_positive_int, default=None,
+                   help="keep only the k most likely tokens (default off)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"longest answer, in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -269,6 +270,16 @@ class _Session:
 
 def _read_line(prompt: str, inp: TextIO, out: TextIO) -> str | None:
     """One line of input without its newline; None at end of input (Ctrl-D)."""
+    if inp is sys.stdin and out is sys.stdout and sys.stdin.isatty():
+        try:  # a terminal: input() gives line editing (and history where readline exists)
+            import readline  # noqa: F401
+        except ImportError:
+            pass
+        try:
+            return input(prompt)
+        except EOFError:
+            out.write("\n")
+            return None
     out.write(prompt)
     out.flush()
     line = inp.readline()

@@ -26,6 +26,7 @@ its length penalty and its (default, heuristic) stopping rule; see its docstring
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Callable, Sequence
 
@@ -140,26 +141,37 @@ def _check_attention_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tens
 class _Forward:
     """Runs the model for one decoding step, with or without a KV cache.
 
-    ``step(tokens, cur_len)``: ``tokens`` is the whole current sequence ``[N, cur_len]``; with a
-    cache only its new part is fed (the prompt on the first call, then the last token). Returns
-    the float32 logits of the last position, ``[N, V]``. ``mask`` grows by one column per step.
+    ``step(tokens)``: ``tokens`` is the whole current sequence ``[N, cur_len]``; with a cache only
+    its new part is fed (the prompt on the first call, then the last token). Returns the float32
+    logits of the last position, ``[N, V]``.
+
+    Nothing grows step by step: the padding mask is extended once to the final length (new
+    tokens are never padding) and each step passes a view of its first ``cur_len`` columns. When
+    the model takes ``logits_to_keep`` (:class:`~llama_from_scratch.model.Llama` does), only the
+    last position goes through the output projection.
     """
 
     def __init__(self, model, batch_size: int, max_len: int, mask: torch.Tensor | None, use_cache: bool):
         self.model = model
-        self.mask = mask
+        self.full_mask = None
+        if mask is not None:
+            extra = max_len - mask.shape[1]
+            self.full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], extra)], dim=1) if extra > 0 else mask
         self.cache = model.make_kv_cache(batch_size, max_seq_len=max_len) if use_cache else None
         self.cached = 0  # positions held by the cache
+        try:
+            takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            takes_keep = False
+        self.kwargs = {"logits_to_keep": 1} if takes_keep else {}
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         cur_len = tokens.shape[1]
-        if self.mask is not None and self.mask.shape[1] < cur_len:
-            ones = self.mask.new_ones(self.mask.shape[0], cur_len - self.mask.shape[1])
-            self.mask = torch.cat([self.mask, ones], dim=1)
+        mask = None if self.full_mask is None else self.full_mask[:, :cur_len]
         if self.cache is None:
-            logits = self.model(tokens, attention_mask=self.mask)
+            logits = self.model(tokens, attention_mask=mask, **self.kwargs)
         else:
-            logits = self.model(tokens[:, self.cached :], self.cached, self.cache, attention_mask=self.mask)
+            logits = self.model(tokens[:, self.cached :], self.cached, self.cache, attention_mask=mask, **self.kwargs)
             self.cached = cur_len
         return logits[:, -1, :].float()  # as transformers: decide in float32 whatever the weights' dtype
 
@@ -268,26 +280,35 @@ def _generate_loop(model, ids, mask, max_new_tokens, temperature, top_k, top_p, 
     forward = _Forward(model, batch, prompt_len + max_new_tokens, mask, use_cache)
     eos_ids = torch.tensor(eos, device=ids.device) if eos else None
     unfinished = torch.ones(batch, dtype=torch.bool, device=ids.device)
-    tokens = ids
+    # The output is written into one preallocated [B, T + max_new_tokens] tensor; each step reads
+    # the view of its filled part (no torch.cat, no reallocation per step).
+    buffer = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=ids.device)
+    buffer[:, :prompt_len] = ids
     # Repetition penalty looks only at real tokens: padding positions get an id outside the
     # vocabulary, which apply_repetition_penalty ignores.
-    penalty_ids = ids if mask is None else ids.masked_fill(mask == 0, vocab_size or int(ids.max()) + 1)
+    penalty_buffer = buffer.clone() if mask is not None and repetition_penalty != 1.0 else buffer
+    if penalty_buffer is not buffer:
+        penalty_buffer[:, :prompt_len].masked_fill_(mask == 0, vocab_size or int(ids.max()) + 1)
+    pad_tokens = torch.full((batch,), pad if pad is not None else 0, dtype=torch.long, device=ids.device)
 
+    cur_len = prompt_len
     for _ in range(max_new_tokens):
-        logits = forward.step(tokens)  # [B, V] float32
+        logits = forward.step(buffer[:, :cur_len])  # [B, V] float32
         if repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, penalty_ids, repetition_penalty)
+            logits = apply_repetition_penalty(logits, penalty_buffer[:, :cur_len], repetition_penalty)
         next_tokens = sample_next_token(logits, temperature, top_k, top_p, min_p, generator=generator)
         if eos_ids is not None:
-            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+            next_tokens = torch.where(unfinished, next_tokens, pad_tokens)
             unfinished &= ~torch.isin(next_tokens, eos_ids)
-        tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
-        penalty_ids = torch.cat([penalty_ids, next_tokens[:, None]], dim=1)
+        buffer[:, cur_len] = next_tokens
+        if penalty_buffer is not buffer:
+            penalty_buffer[:, cur_len] = next_tokens
+        cur_len += 1
         if stream is not None:
             stream(next_tokens)
-        if not unfinished.any():
+        if eos_ids is not None and not unfinished.any():
             break
-    return tokens
+    return buffer[:, :cur_len]
 
 
 # --------------------------------------------------------------------------------------------

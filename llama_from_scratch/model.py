@@ -46,10 +46,11 @@ class TransformerBlock(nn.Module):
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         h = x + self.self_attn(
             self.input_layernorm(x), cos, sin, start_pos=start_pos, kv_cache=kv_cache,
-            layer_idx=self.layer_idx, attention_mask=attention_mask, position_ids=position_ids,
+            layer_idx=self.layer_idx, attention_mask=attention_mask, position_ids=position_ids, rope=rope,
         )
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -78,6 +79,39 @@ class LlamaBackbone(nn.Module):
         cos, sin = precompute_rope(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
         self.rope_cos = cos.to(device)
         self.rope_sin = sin.to(device)
+
+    def rope_for(
+        self, start_pos: int, seq_len: int, position_ids: torch.Tensor | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE ``(cos, sin)`` rows of this forward pass's positions, in ``dtype``: ``[T, D]``
+        for positions ``start_pos .. start_pos + T - 1``, or ``[B, 1, T, D]`` for ``position_ids``
+        (``[B, T]``, already checked).
+
+        Every layer rotates by the same angles, so they are looked up (and cast) once per forward
+        pass, not once per layer; the values are exactly those :func:`~llama_from_scratch.rope.apply_rope`
+        would use (float32 table, then cast, as Hugging Face does).
+        """
+        if position_ids is None:
+            cos = self.rope_cos[start_pos : start_pos + seq_len]
+            sin = self.rope_sin[start_pos : start_pos + seq_len]
+        else:
+            cos = self.rope_cos[position_ids].unsqueeze(1)  # [B, T, D] -> [B, 1, T, D]: same for all heads
+            sin = self.rope_sin[position_ids].unsqueeze(1)
+        return cos.to(dtype), sin.to(dtype)
+
+    def _check_position_ids(self, position_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Explicit ``position_ids`` (``[T]`` or ``[B, T]``, integer, within the RoPE table) as ``[B, T]``."""
+        if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+            raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
+        if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != seq_len:
+            raise ValueError(f"position_ids must be [T] or [B, T] with T={seq_len}, got {tuple(position_ids.shape)}")
+        max_seq_len = self.rope_cos.shape[0]
+        if position_ids.min() < 0 or position_ids.max() >= max_seq_len:
+            raise ValueError(
+                f"position_ids must lie in [0, {max_seq_len}) (max_seq_len={max_seq_len}), "
+                f"got range [{int(position_ids.min())}, {int(position_ids.max())}]"
+            )
+        return position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
 
     def forward(
         self,
@@ -111,6 +145,8 @@ class LlamaBackbone(nn.Module):
                 )
         kv_len = start_pos + seq_len if kv_cache is not None else seq_len
 
+        if position_ids is not None:
+            position_ids = self._check_position_ids(position_ids, seq_len)
         mask = attention_mask
         if attention_mask is not None and attention_mask.dim() == 2:
             total = start_pos + seq_len
@@ -127,12 +163,11 @@ class LlamaBackbone(nn.Module):
                 position_ids = positions[:, start_pos:]
             mask = build_attention_mask(attention_mask[:, total - kv_len:], seq_len)  # [B, 1, T, S], once
 
-        if position_ids is not None and position_ids.dim() == 1:
-            position_ids = position_ids.unsqueeze(0)
         h = self.embed_tokens(input_ids)
+        rope = self.rope_for(start_pos, seq_len, position_ids, h.dtype)  # once, for all layers
         for layer in self.layers:
             h = layer(h, self.rope_cos, self.rope_sin, start_pos=start_pos, kv_cache=kv_cache,
-                      attention_mask=mask, position_ids=position_ids)
+                      attention_mask=mask, position_ids=position_ids, rope=rope)
         return self.norm(h)
 
 
@@ -175,6 +210,7 @@ class Llama(nn.Module):
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
     ) -> torch.Tensor:
         """Next-token logits ``[B, T, vocab_size]`` for ``input_ids`` (``[B, T]``, integer).
 
@@ -189,8 +225,18 @@ class Llama(nn.Module):
                 have alone. A 4-D mask (boolean, True = attend, or additive float, ``[B, 1, T, S]``)
                 is passed to attention as is.
             position_ids: explicit RoPE positions ``[B, T]`` or ``[T]``, overriding the above.
+            logits_to_keep: ``0`` (default) returns the logits of every position; ``n > 0`` only
+                those of the last ``n`` (``[B, n, vocab_size]``), as Hugging Face's argument of
+                that name. Generation needs only the last position, and the output projection is
+                the largest matrix of a small model: with ``logits_to_keep=1`` a prompt of ``T``
+                tokens costs one row of it instead of ``T``.
         """
-        return self.lm_head(self.model(input_ids, start_pos, kv_cache, attention_mask, position_ids))
+        if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0 = all positions), got {logits_to_keep!r}")
+        hidden = self.model(input_ids, start_pos, kv_cache, attention_mask, position_ids)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden)
 
     # ----- helpers ------------------------------------------------------------------------------
 

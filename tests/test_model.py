@@ -259,3 +259,17 @@ def test_gradients_reach_every_parameter():
     ids = torch.randint(0, 256, (2, 8))
     model(ids).logsumexp(-1).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_logits_to_keep_returns_the_last_positions_only():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.tiny()).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    full = model(ids)
+    for keep in (1, 3, 9):
+        last = model(ids, logits_to_keep=keep)
+        assert last.shape == (2, keep, model.config.vocab_size)
+        torch.testing.assert_close(last, full[:, -keep:], rtol=0, atol=1e-6)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            model(ids, logits_to_keep=bad)
