@@ -8,6 +8,8 @@ COMMANDS = """llama_from_scratch commands:
   python -m llama_from_scratch generate "PROMPT" [--raw ...]          answer one prompt and exit
   python -m llama_from_scratch.grade NOTEBOOK...   grade exercise notebooks
   python -m llama_from_scratch.release [--check]   generate exercises/ from solutions/
+  python -m llama_from_scratch.setup_check         what is missing on this machine, and how to fix it
+  python -m llama_from_scratch.pretrain --synthetic --max_steps 200   pretrain (also under torchrun)
 (chat and generate: --help lists their flags)
 """
 
