@@ -180,12 +180,16 @@ def encode_prompt(instructions: Sequence[str]) -> str:
 _TASK_LINE = re.compile(r"^\s*(?:Task\s*)?(\d+)\s*[:.)]\s*(.*)$", re.IGNORECASE)
 
 
+_DANGLING_TASK = re.compile(r"\s*\bTask\s*\d*\s*:?\s*$")
+
+
 def parse_instructions(completion: str, start: int | None = None) -> list[str]:
     """New instructions from the model's continuation of :func:`encode_prompt`.
 
     The continuation starts right after ``Task k+1:`` (so its first line is an instruction without
     a number); later lines look like ``Task 7: ...`` or ``7. ...``. Lines that are not part of a
-    numbered item are appended to the current item (an instruction may wrap); a line numbered
+    numbered item are appended to the current item (an instruction may wrap) until a blank line
+    closes it; a trailing bare ``Task`` label (a completion cut off mid-list) is dropped; a line numbered
     out of sequence (the model restarting its list) ends the parse when ``start``, the number of
     the item the completion begins with (``k + 1`` after :func:`encode_prompt`), is given.
     Empty items are dropped; whitespace is normalised.
@@ -204,11 +208,19 @@ def parse_instructions(completion: str, start: int | None = None) -> list[str]:
                 break
             expected = None if expected is None else number
             current = [m.group(2).strip()] if m.group(2).strip() else []
-        elif current is not None and line.strip():
+        elif not line.strip():
+            # A blank line closes the item: small models ramble on after their list, and what
+            # follows a blank line is not part of the instruction.
+            if current:
+                items.append(" ".join(current))
+            current = None
+        elif current is not None:
             current.append(line.strip())
     if current:
         items.append(" ".join(current))
-    return [" ".join(s.split()) for s in items if s.strip()]
+    # A completion cut off by max_new_tokens can end with the next item's bare "Task" label.
+    cleaned = (_DANGLING_TASK.sub("", " ".join(s.split())) for s in items)
+    return [s for s in cleaned if s]
 
 
 def filter_instruction(instruction: str, existing: Iterable[str] = (), threshold: float = 0.7,

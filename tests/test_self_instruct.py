@@ -233,3 +233,10 @@ def test_self_instruct_one_round_with_smollm2():
         assert filter_instruction(t["instruction"], []) is None
     # Two model calls of 12 tokens: ~10 s on an idle 2-core CPU. Not asserted (shared CI machines).
     print(f"one self-instruct round with SmolLM2: {elapsed:.1f} s, {len(tasks)} accepted, rejected {dict(rejected)}")
+
+
+def test_parse_instructions_stops_items_at_blank_lines_and_drops_a_dangling_task_label():
+    completion = ("Write a poem about cats.\nTask 3: Name a famous Star Wars film? Task\n\n"
+                  "I think there is a very good way to make a website\nTask 4: Explain why\nthe sky is blue.")
+    assert parse_instructions(completion, start=2) == [
+        "Write a poem about cats.", "Name a famous Star Wars film?", "Explain why the sky is blue."]
