@@ -92,10 +92,11 @@ class LoRALinear(nn.Module):
         return result + (self.lora_B(self.lora_A(lora_x)) * self.scaling).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update ``(B @ A) * scaling`` (``[out, in]``), computed in float32 (PEFT does so on
-        CPU for 16-bit weights) and cast to the adapters' dtype."""
+        """The update ``(B @ A) * scaling`` (``[out, in]``) in the adapters' dtype. 16-bit adapters
+        are multiplied in float32 and cast back, as PEFT does on CPU; float32/float64 ones as they are."""
         a, b = self.lora_A.weight, self.lora_B.weight
-        return ((b.float() @ a.float()) * self.scaling).to(a.dtype)
+        compute = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else a.dtype
+        return ((b.to(compute) @ a.to(compute)) * self.scaling).to(a.dtype)
 
     def merged_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the same function (without dropout): ``W + (B @ A) * scaling``.

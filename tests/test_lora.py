@@ -234,3 +234,12 @@ def test_single_string_target_and_suffix_matching_are_exact():
     # "proj" is not a suffix after a dot of "q_proj": PEFT's rule matches whole name components
     with pytest.raises(ValueError):
         apply_lora(tiny_llama(), target_modules=["proj"])
+
+
+def test_float64_merge_is_exact_like_peft():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(7, 5).double(), r=3, alpha=6)
+    nn.init.normal_(layer.lora_B.weight)
+    expected = layer.lora_B.weight @ layer.lora_A.weight * layer.scaling
+    assert layer.delta_weight().dtype == torch.float64
+    assert torch.equal(layer.delta_weight(), expected)
