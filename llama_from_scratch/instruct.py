@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from llama_from_scratch.data_files import find_data_dir
 from llama_from_scratch.loss import cross_entropy
 
 __all__ = [
@@ -360,20 +361,7 @@ def instructions_dir(data_dir: str | os.PathLike | None = None) -> Path:
     editable-install / source-checkout case); ``data/instructions`` under the current directory.
     Raises ``FileNotFoundError`` listing the places tried.
     """
-    candidates: list[Path] = []
-    if data_dir is not None:
-        candidates.append(Path(data_dir))
-    elif os.environ.get("LFS_INSTRUCTIONS_DIR"):
-        candidates.append(Path(os.environ["LFS_INSTRUCTIONS_DIR"]))
-    else:
-        candidates.append(Path(__file__).resolve().parent.parent / "data" / "instructions")
-        candidates.append(Path.cwd() / "data" / "instructions")
-    for folder in candidates:
-        if (folder / "train.jsonl").is_file():
-            return folder
-    tried = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"instruction data not found (looked for train.jsonl in: {tried}); run from a checkout "
-                            "of the repository, or set LFS_INSTRUCTIONS_DIR to the folder holding train.jsonl/test.jsonl")
+    return find_data_dir("instructions", "LFS_INSTRUCTIONS_DIR", "instruction data", data_dir)
 
 
 def load_instructions(split: str = "train", data_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from llama_from_scratch.data_files import find_data_dir
+
 SPLITS = ("train", "test", "all")
 KINDS = ("correctness", "concision", "style", "refusal")
 FIELDS = ("prompt", "chosen", "rejected", "strength", "kind", "category")
@@ -43,20 +45,7 @@ def preferences_dir(data_dir: str | os.PathLike | None = None) -> Path:
     ``data/preferences`` under the current directory. Raises ``FileNotFoundError`` listing the
     places tried.
     """
-    candidates: list[Path] = []
-    if data_dir is not None:
-        candidates.append(Path(data_dir))
-    elif os.environ.get("LFS_PREFERENCES_DIR"):
-        candidates.append(Path(os.environ["LFS_PREFERENCES_DIR"]))
-    else:
-        candidates.append(Path(__file__).resolve().parent.parent / "data" / "preferences")
-        candidates.append(Path.cwd() / "data" / "preferences")
-    for folder in candidates:
-        if (folder / "train.jsonl").is_file():
-            return folder
-    tried = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"preference data not found (looked for train.jsonl in: {tried}); run from a checkout "
-                            "of the repository, or set LFS_PREFERENCES_DIR to the folder holding train.jsonl/test.jsonl")
+    return find_data_dir("preferences", "LFS_PREFERENCES_DIR", "preference data", data_dir)
 
 
 def load_preferences(split: str = "train", data_dir: str | os.PathLike | None = None,
