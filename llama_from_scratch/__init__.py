@@ -69,6 +69,7 @@ from llama_from_scratch.optim import (
 from llama_from_scratch.data import (
     StepSampler,
     TokenBlockDataset,
+    load_stories,
     load_token_file,
     make_dataloader,
     pack_tokens,
@@ -99,6 +100,7 @@ from llama_from_scratch.instruct import (
     load_instructions,
     sft_loss,
     shift_for_trainer,
+    SFTBlocks,
 )
 from llama_from_scratch.self_instruct import filter_instruction, load_seed_tasks, rouge_l, self_instruct, smollm2_generator
 

@@ -1,4 +1,4 @@
-"""Finding the data the project ships under ``data/`` (instructions, preferences).
+"""Finding the data the project ships under ``data/`` (instructions, preferences, stories).
 
 The data lives in the repository, next to the package, not inside it: an editable install or a
 source checkout finds it there. Other layouts point at it with an environment variable.
@@ -11,8 +11,8 @@ from pathlib import Path
 
 
 def find_data_dir(name: str, env_var: str, description: str,
-                  data_dir: str | os.PathLike | None = None) -> Path:
-    """The folder ``data/<name>`` holding ``train.jsonl`` / ``test.jsonl``.
+                  data_dir: str | os.PathLike | None = None, marker: str = "train.jsonl") -> Path:
+    """The folder ``data/<name>`` holding ``marker`` (``train.jsonl`` by default).
 
     Looked up in order: ``data_dir``; ``$<env_var>``; ``data/<name>`` in the repository root next
     to the package (the editable-install / source-checkout case); ``data/<name>`` under the
@@ -27,8 +27,8 @@ def find_data_dir(name: str, env_var: str, description: str,
         candidates.append(Path(__file__).resolve().parent.parent / "data" / name)
         candidates.append(Path.cwd() / "data" / name)
     for folder in candidates:
-        if (folder / "train.jsonl").is_file():
+        if (folder / marker).is_file():
             return folder
     tried = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"{description} not found (looked for train.jsonl in: {tried}); run from a checkout "
-                            f"of the repository, or set {env_var} to the folder holding train.jsonl/test.jsonl")
+    raise FileNotFoundError(f"{description} not found (looked for {marker} in: {tried}); run from a checkout "
+                            f"of the repository, or set {env_var} to the folder holding {marker}")

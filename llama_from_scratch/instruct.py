@@ -50,6 +50,7 @@ __all__ = [
     "instruction_collate",
     "sft_loss",
     "shift_for_trainer",
+    "SFTBlocks",
     "load_instructions",
     "instructions_dir",
 ]
@@ -322,6 +323,48 @@ def shift_for_trainer(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, 
     if input_ids.shape != labels.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids and labels must both be [B, T], got {tuple(input_ids.shape)} and {tuple(labels.shape)}")
     return input_ids[:, :-1], labels[:, 1:]
+
+
+class SFTBlocks:
+    """Instruction examples in the form chapter 8's :class:`~llama_from_scratch.trainer.Trainer` trains on.
+
+    The pretraining ``Trainer`` asks its data for ``batch(indices) -> (x, y)`` and scores
+    ``cross_entropy(model(x), y)`` with ``-100`` targets skipped. This wraps an
+    :class:`InstructionDataset` so that each batch is :func:`instruction_collate` (right padding,
+    prompt masking) followed by :func:`shift_for_trainer`: the Trainer then does supervised
+    fine-tuning with everything it already has (accumulation, clipping, schedule, bf16, eval,
+    checkpoints, DDP), and its loss equals :func:`sft_loss` on the same batch.
+
+    ``block_size`` is the longest ``x`` a batch can have (the longest example minus one); batches
+    are padded only to their own longest example.
+    """
+
+    def __init__(self, dataset: InstructionDataset, pad_token_id: int, mask_prompt: bool = True,
+                 ignore_index: int = -100) -> None:
+        if len(dataset) == 0:
+            raise ValueError("the instruction dataset is empty (every example was skipped?)")
+        if ignore_index != -100:
+            raise ValueError("the Trainer skips targets equal to -100; other ignore_index values are not supported")
+        self.dataset = dataset
+        self.pad_token_id = pad_token_id
+        self.mask_prompt = mask_prompt
+        self.ignore_index = ignore_index
+
+    @property
+    def block_size(self) -> int:
+        return max(item["input_ids"].numel() for item in self.dataset.items) - 1
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batch(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)``, both ``[len(indices), T - 1]`` with ``T`` the batch's longest example."""
+        items = [self.dataset[int(i)] for i in torch.as_tensor(indices).reshape(-1).tolist()]
+        collated = instruction_collate(items, self.pad_token_id, self.ignore_index, self.mask_prompt)
+        return shift_for_trainer(collated)
+
+    def __repr__(self) -> str:
+        return f"SFTBlocks({len(self)} examples, mask_prompt={self.mask_prompt}, block_size={self.block_size})"
 
 
 def sft_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor], ignore_index: int = -100) -> torch.Tensor:

@@ -60,6 +60,7 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "config.json"
 CHECKPOINT_FORMAT = 1
+IGNORE_INDEX = -100  # targets with this value do not count in the loss (prompt, padding)
 
 
 class TrainingDiverged(RuntimeError):
@@ -384,12 +385,19 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _as_dataset(data) -> TokenBlockDataset | None:
+def _as_dataset(data):
+    """A ``[N, block_size + 1]`` tensor becomes a :class:`TokenBlockDataset`; anything else must
+    already offer ``len(data)``, ``data.block_size`` and ``data.batch(indices) -> (x, y)`` (for
+    instance :class:`~llama_from_scratch.instruct.SFTBlocks`, whose targets hold ``-100`` on the
+    positions the loss skips)."""
     if data is None or isinstance(data, TokenBlockDataset):
         return data
     if isinstance(data, torch.Tensor):
         return TokenBlockDataset(data)
-    raise TypeError(f"data must be a [N, block_size + 1] LongTensor or a TokenBlockDataset, got {type(data).__name__}")
+    if all(hasattr(data, name) for name in ("batch", "block_size", "__len__")):
+        return data
+    raise TypeError(f"data must be a [N, block_size + 1] LongTensor, a TokenBlockDataset, or a dataset with "
+                    f"__len__, block_size and batch(indices) -> (x, y); got {type(data).__name__}")
 
 
 class Trainer:
@@ -397,7 +405,10 @@ class Trainer:
     ``[B, T]`` to logits ``[B, T, V]``) on packed blocks.
 
     ``train_data`` / ``val_data``: a ``[N, block_size + 1]`` LongTensor (from
-    :func:`~llama_from_scratch.data.pack_tokens`) or a :class:`~llama_from_scratch.data.TokenBlockDataset`.
+    :func:`~llama_from_scratch.data.pack_tokens`), a :class:`~llama_from_scratch.data.TokenBlockDataset`,
+    or any dataset with ``batch(indices) -> (x, y)`` such as
+    :class:`~llama_from_scratch.instruct.SFTBlocks` (instruction tuning: targets are ``-100`` on
+    the prompt and the padding, which the loss skips).
     Under ``torchrun`` (``torch.distributed`` initialized before the Trainer is built) the model is
     wrapped in ``DistributedDataParallel`` and each process takes its slice of every global batch;
     only rank 0 prints, samples and saves.
@@ -476,7 +487,11 @@ class Trainer:
     def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self._autocast():
             logits = model(x)
-        return cross_entropy(logits.float(), y)
+        if not (y != IGNORE_INDEX).any():
+            # A micro-batch without a single target (every response cut away in SFT): a zero that
+            # still depends on the weights, so backward works and the step changes nothing.
+            return logits.float().sum() * 0.0
+        return cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
 
     # ----- one step -------------------------------------------------------------------------
 
@@ -489,9 +504,11 @@ class Trainer:
         self.model.train()
         t0 = time.perf_counter()
         total = torch.zeros((), device=self.device)
+        tokens = 0
         for micro in range(c.grad_accum_steps):
             x, y = self.train_data.batch(self.sampler.indices(step * c.grad_accum_steps + micro))
             x, y = x.to(self.device), y.to(self.device)
+            tokens += x.numel() * self.world_size
             last = micro == c.grad_accum_steps - 1
             # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
             sync = contextlib.nullcontext() if last or self.world_size == 1 else self.ddp_model.no_sync()
@@ -513,7 +530,6 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
-        tokens = c.batch_size * c.grad_accum_steps * self.world_size * self.block_size
         record = {"step": step, "lr": lr, "train_loss": train_loss, "val_loss": None, "grad_norm": grad_norm,
                   "tokens_per_sec": tokens / dt if dt > 0 else float("inf")}
         if c.peak_flops and self.flops_per_token:

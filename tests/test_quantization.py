@@ -178,6 +178,22 @@ def test_dequantize_nf4_bit_exact_with_definition(blocksize, dtype):
         assert bool((err <= 0.5 * 0.3039 * absmax.repeat_interleave(blocksize)[: w.numel()] + 1e-2).all())
 
 
+@pytest.mark.parametrize("n", [32768, 32769, 65536 + 64 * 3 + 5, 99999, 3 * 32768 + 4096])
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+def test_dequantize_nf4_across_cpu_steps(n, blocksize):
+    # the CPU path works in steps of 16 KiB of packed bytes: sizes around and across step boundaries,
+    # odd counts and partial last blocks must still give the definition's values exactly
+    w = torch.randn(n, generator=torch.Generator().manual_seed(n + blocksize)) * 0.05
+    packed, absmax = quantize_nf4(w, blocksize)
+    for dtype in DTYPES:
+        out = dequantize_nf4(packed, absmax, (n,), blocksize=blocksize, dtype=dtype)
+        assert torch.equal(out, nf4_definition(packed, absmax, (n,), blocksize, dtype)), (n, blocksize, dtype)
+    # non-contiguous inputs are read correctly
+    packed_strided = torch.stack([packed, packed], 1)[:, 0]
+    assert not packed_strided.is_contiguous()
+    assert torch.equal(dequantize_nf4(packed_strided, absmax, (n,), blocksize), dequantize_nf4(packed, absmax, (n,), blocksize))
+
+
 @pytest.mark.parametrize("shape,blocksize", [((64,), 64), ((256, 128), 64), ((32, 256), 128), ((10, 64), 32)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dequantize_nf4_equals_native_bitsandbytes_when_rows_are_whole_blocks(shape, blocksize, dtype):

@@ -273,3 +273,62 @@ def test_command_line_run_and_resume(tmp_path, capsys):
         main(["--max_steps", "2"])  # no data
 
 
+
+
+# --------------------------------------------------------------------------------------------
+# Instruction tuning with the same Trainer (chapter 9)
+# --------------------------------------------------------------------------------------------
+
+
+class _CharTokenizer:
+    """Bytes as tokens (ids 0..59 after folding), EOS 63: enough to build instruction examples."""
+
+    eos_token_id = EOS
+
+    def encode(self, text: str) -> list[int]:
+        return [b % 60 for b in text.encode()]
+
+
+def _sft_blocks(mask_prompt: bool = True, n: int = 24):
+    from llama_from_scratch.instruct import InstructionDataset, SFTBlocks
+
+    examples = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": str(2 * i + 1)} for i in range(n)]
+    examples.append({"instruction": "broken"})  # missing output: skipped, not a crash
+    data = InstructionDataset(examples, _CharTokenizer(), template="alpaca")
+    assert data.skipped["missing_output"] == 1
+    return SFTBlocks(data, pad_token_id=0, mask_prompt=mask_prompt)
+
+
+def test_trainer_runs_sft_and_its_loss_equals_sft_loss():
+    from llama_from_scratch.instruct import instruction_collate, sft_loss
+
+    blocks = _sft_blocks()
+    model = make_model(max_seq_len=256)
+    trainer = Trainer(model, blocks, blocks, config(max_steps=30, batch_size=4, eval_interval=30, eval_steps=2))
+    indices = [0, 5, 7, 11]
+    x, y = blocks.batch(indices)
+    # Labels: -100 on padding and prompt, the response ids (shifted) elsewhere.
+    batch = instruction_collate([blocks.dataset[i] for i in indices], 0)
+    assert torch.equal(y, batch["labels"][:, 1:]) and torch.equal(x, batch["input_ids"][:, :-1])
+    torch.testing.assert_close(trainer._loss(model, x, y), sft_loss(model, batch), rtol=0, atol=0)
+    before = trainer.evaluate()
+    history = trainer.train()
+    assert history[-1]["val_loss"] < before - 0.5, (before, history[-1]["val_loss"])
+    # Throughput counts the tokens actually run (each batch is padded only to its own longest example).
+    assert all(r["tokens_per_sec"] > 0 for r in history)
+
+
+def test_trainer_sft_batch_without_targets_is_a_zero_step():
+    blocks = _sft_blocks()
+    model = make_model(max_seq_len=256)
+    trainer = Trainer(model, blocks, None, config(max_steps=1, batch_size=2))
+    x, y = blocks.batch([0, 1])
+    loss = trainer._loss(model, x, torch.full_like(y, -100))
+    assert loss.item() == 0.0
+    loss.backward()  # still connected to the weights
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_trainer_rejects_data_it_cannot_batch():
+    with pytest.raises(TypeError, match="batch\\(indices\\)"):
+        Trainer(make_model(), [[1, 2, 3]], None, config())

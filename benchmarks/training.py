@@ -1,0 +1,135 @@
+"""Training-step speed: this package's Llama vs transformers' ``LlamaForCausalLM``, same config and weights.
+
+One training step = forward, loss, backward and an AdamW update, on ``--batch`` sequences of
+``--seq-len`` random tokens. Both models are built in this one process from the same config (the
+SmolLM2-135M architecture by default) and hold the same weights (ours is initialised, transformers'
+loads its state dict: the key names are identical). They run alternately, several steps each; the
+median step time of each side counts (another process on a shared machine only ever slows a step
+down, and the median shrugs off those moments). Printed per precision (float32, and bfloat16
+autocast where the CPU supports it):
+
+* tokens/s of each side and the ratio ours / transformers (> 1: ours is faster);
+* model FLOPs utilisation (MFU): ``6 N + 12 L d T`` FLOPs per token (see
+  :func:`llama_from_scratch.trainer.estimate_flops_per_token`) times tokens/s, over the matmul
+  peak measured here (the best FLOP/s of a large square matmul in that precision).
+
+Both sides use ``torch.optim.AdamW`` for the comparison of the models; our from-scratch
+``AdamW`` is timed too (its step on the same parameters).
+
+    python benchmarks/training.py                  # SmolLM2-135M config, 4 x 256 tokens
+    python benchmarks/training.py --quick          # a 4-layer model, fewer steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from llama_from_scratch.config import LlamaConfig
+from llama_from_scratch.loss import cross_entropy
+from llama_from_scratch.model import Llama
+from llama_from_scratch.optim import AdamW
+from llama_from_scratch.trainer import estimate_flops_per_token
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of an ``n x n @ n x n`` matmul in ``dtype`` (2 n^3 FLOPs)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, bf16: bool,
+              hf: bool):
+    """A closure running one training step; returns the loss (a float)."""
+    x, y = ids[:, :-1], ids[:, 1:]
+
+    def step() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x).logits if hf else model(x)
+        loss = cross_entropy(logits.float(), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return step
+
+
+def median_step_time(step, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per side per round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="a 4-layer model, 2 steps x 1 round")
+    args = parser.parse_args()
+    import transformers
+
+    config = LlamaConfig.smollm2_135m()
+    if args.quick:
+        config = LlamaConfig.from_hf({**config.to_hf(), "num_hidden_layers": 4})
+        args.steps, args.rounds = 2, 1
+    config = LlamaConfig.from_hf({**config.to_hf(), "max_position_embeddings": max(args.seq_len + 1, 2048)})
+    torch.manual_seed(0)
+    ours = Llama(config)
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config.to_hf()))
+    theirs.load_state_dict(ours.state_dict())
+    ours.train(), theirs.train()
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len + 1), generator=torch.Generator().manual_seed(1))
+    tokens = args.batch * args.seq_len
+    flops_per_token = estimate_flops_per_token(ours, args.seq_len)
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(f"model: {n_params / 1e6:.1f}M parameters, {config.n_layers} layers, dim {config.dim}; "
+          f"batch {args.batch} x {args.seq_len} tokens; {torch.get_num_threads()} threads")
+
+    # Same weights, same data: the first losses must agree (float32), or the comparison is void.
+    check_ours = Llama(config)
+    check_ours.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        diff = (check_ours(ids[:, :-1]) - theirs(ids[:, :-1]).logits).abs().max().item()
+    print(f"same weights: max |logits ours - transformers| = {diff:.1e}")
+    del check_ours
+
+    # bf16 autocast runs on every CPU; it pays off only where the CPU has bf16 matrix units (AMX).
+    precisions = [("float32", False), ("bf16 autocast", True)]
+    for name, bf16 in precisions:
+        peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
+        sides = {
+            "ours": make_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4), ids, bf16, hf=False),
+            "transformers": make_step(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-4), ids, bf16, hf=True),
+            "ours + our AdamW": make_step(ours, AdamW(ours.parameters(), lr=1e-4), ids, bf16, hf=False),
+        }
+        for step in sides.values():  # warm-up (allocations, oneDNN primitives)
+            step()
+        best: dict[str, float] = {}
+        for _ in range(args.rounds):
+            for side, step in sides.items():
+                best[side] = min(best.get(side, float("inf")), median_step_time(step, args.steps))
+        print(f"\n{name}: measured matmul peak {peak / 1e9:.0f} GFLOP/s")
+        for side, seconds in best.items():
+            tok_s = tokens / seconds
+            mfu = flops_per_token * tok_s / peak
+            print(f"  {side:18s} {seconds * 1e3:8.0f} ms/step  {tok_s:8.0f} tok/s  MFU {100 * mfu:5.1f}%")
+        print(f"  ratio ours / transformers: {best['transformers'] / best['ours']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
