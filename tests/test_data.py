@@ -105,3 +105,47 @@ def test_load_token_file(tmp_path):
         load_token_file(tmp_path / "corpus.txt")
     with pytest.raises(FileNotFoundError):
         load_token_file(tmp_path / "absent.pt")
+
+
+# --------------------------------------------------------------------------------------------
+# The story corpus (data/stories)
+# --------------------------------------------------------------------------------------------
+
+
+def test_story_corpus_loads_without_the_model_and_splits_are_disjoint():
+    import json as _json
+
+    from llama_from_scratch.data import load_stories, stories_dir
+
+    train, val = load_stories("train"), load_stories("val")
+    assert len(train) > 10 * len(val) > 0
+    assert not set(train) & set(val)
+    assert load_stories("all") == train + val
+    records = load_stories("val", with_prompts=True)
+    assert [r["text"] for r in records] == val
+    assert all(r["prompt"].startswith("Write a very short children's story") and r["smollm2_tokens"] > 0
+               for r in records)
+    stats = _json.loads((stories_dir() / "stats.json").read_text())
+    assert stats["train"] == len(train) and stats["val"] == len(val)
+    assert sum(r["smollm2_tokens"] for r in load_stories("all", with_prompts=True)) == stats["smollm2_tokens_kept"]
+
+
+def test_story_corpus_errors_are_clear(tmp_path):
+    import gzip
+
+    from llama_from_scratch.data import load_stories
+
+    with pytest.raises(ValueError, match="split"):
+        load_stories("test")
+    with pytest.raises(FileNotFoundError, match="train.jsonl.gz"):
+        load_stories("train", data_dir=tmp_path)
+    (tmp_path / "train.jsonl.gz").write_bytes(gzip.compress(b'{"text": "ok"}\n')[:-6])  # truncated
+    with pytest.raises(ValueError, match="cannot read the story corpus"):
+        load_stories("train", data_dir=tmp_path)
+    (tmp_path / "train.jsonl.gz").write_bytes(gzip.compress(b'{"text": "ok"}\n[1, 2]\n'))
+    with pytest.raises(ValueError, match="line 2"):
+        load_stories("train", data_dir=tmp_path)
+    (tmp_path / "train.jsonl.gz").write_bytes(gzip.compress(b'{"text": "ok"}\n'))
+    assert load_stories("train", data_dir=tmp_path) == ["ok"]
+    with pytest.raises(FileNotFoundError, match="val.jsonl.gz"):
+        load_stories("all", data_dir=tmp_path)

@@ -134,6 +134,9 @@ def quality_ok(text: str) -> bool:
 
 
 def finish(val_fraction: float = 0.05) -> None:
+    from llama_from_scratch.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2")  # to count the kept text in SmolLM2 tokens
     rows = [json.loads(line) for f in sorted(RAW.glob("batch_*.jsonl")) for line in f.read_text().splitlines()]
     seen: set[str] = set()
     kept, counts = [], {"generated": len(rows), "cut_at_last_sentence": 0, "quality": 0, "duplicate": 0}
@@ -147,13 +150,13 @@ def finish(val_fraction: float = 0.05) -> None:
         if not quality_ok(text):
             counts["quality"] += 1
             continue
-        # Near-duplicates: the same opening (first 12 words, case- and punctuation-folded).
-        key = " ".join(re.sub(r"[^a-z ]", "", text.lower()).split()[:12])
+        # Near-duplicates: the same opening (first 30 words, case- and punctuation-folded).
+        key = " ".join(re.sub(r"[^a-z ]", "", text.lower()).split()[:30])
         if key in seen:
             counts["duplicate"] += 1
             continue
         seen.add(key)
-        kept.append({"text": text, "prompt": r["prompt"], "smollm2_tokens": r["new_tokens"]})
+        kept.append({"text": text, "prompt": r["prompt"], "smollm2_tokens": len(tokenizer.encode(text))})
     # A stable split: a story goes to validation by a hash of its text, not by position.
     def is_val(r: dict) -> bool:
         return int(hashlib.sha1(r["text"].encode()).hexdigest(), 16) % 1000 < val_fraction * 1000
