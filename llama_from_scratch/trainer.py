@@ -571,10 +571,11 @@ class Trainer:
         max_new = c.sample_tokens if max_new_tokens is None else max_new_tokens
         max_new = max(1, min(max_new, self.model.config.max_seq_len - len(ids)))
         generator = torch.Generator(device=self.device).manual_seed(c.seed + self.step)
-        with self._autocast():
-            out = generate(self.model, torch.tensor([ids], device=self.device), max_new,
-                           temperature=c.sample_temperature, top_k=c.sample_top_k, generator=generator,
-                           eos_token_id=getattr(self.tokenizer, "eos_token_id", None))
+        # Sampling runs in the weights' dtype (float32), not under autocast: the KV cache holds one
+        # dtype, and a few dozen tokens cost little.
+        out = generate(self.model, torch.tensor([ids], device=self.device), max_new,
+                       temperature=c.sample_temperature, top_k=c.sample_top_k, generator=generator,
+                       eos_token_id=getattr(self.tokenizer, "eos_token_id", None))
         return self.tokenizer.decode(out[0].tolist())
 
     # ----- the loop ---------------------------------------------------------------------------

@@ -332,3 +332,13 @@ def test_trainer_sft_batch_without_targets_is_a_zero_step():
 def test_trainer_rejects_data_it_cannot_batch():
     with pytest.raises(TypeError, match="batch\\(indices\\)"):
         Trainer(make_model(), [[1, 2, 3]], None, config())
+
+
+def test_bf16_run_with_samples(blocks):
+    """Samples during a bf16-autocast run are drawn in float32 (the KV cache holds one dtype)."""
+    train_blocks, val_blocks = blocks
+    trainer = Trainer(make_model(), train_blocks, val_blocks,
+                      config(max_steps=4, dtype="bf16", sample_interval=2, sample_tokens=5), tokenizer=CharTokenizer())
+    trainer.train()
+    assert [s["step"] for s in trainer.samples] == [1, 3]
+    assert all(isinstance(s["text"], str) and len(s["text"]) > 0 for s in trainer.samples)
