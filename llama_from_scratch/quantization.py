@@ -94,6 +94,32 @@ NF4_CODE: torch.Tensor = create_normal_map()
 _NF4_MIDPOINTS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
 
 
+def _midpoint_grid(midpoints: torch.Tensor, grid: int = 4096, margin: float = 1e-5) -> torch.Tensor:
+    """A lookup table for the nearest-code search on CPU: ``[grid]`` uint8 over ``[-1, 1]``.
+
+    Cell ``k`` covers ``[-1 + 2k/grid, -1 + 2(k+1)/grid]``, widened by ``margin`` on both sides.
+    Its entry is the number of midpoints below the widened cell (the code of every value in it)
+    when no midpoint lies inside, or that count + 16 (a flag) when one does: values in flagged
+    cells are searched exactly with ``torch.bucketize``. The margin (1e-5) is far wider than the
+    float32 rounding of ``(x + 1) * grid / 2`` (about 1e-7), so a value is never looked up in a
+    cell whose count is wrong for it; the cells (2 / 4096 wide) are far narrower than the gaps
+    between midpoints (> 0.07), so a cell holds at most one.
+    """
+    edges = torch.linspace(-1, 1, grid + 1, dtype=torch.float64)
+    mids = midpoints.double()
+    table = torch.empty(grid, dtype=torch.uint8)
+    for k in range(grid):
+        left, right = edges[k] - margin, edges[k + 1] + margin
+        inside = int(((mids >= left) & (mids <= right)).sum())
+        if inside > 1:
+            raise AssertionError("grid cells must hold at most one midpoint")
+        table[k] = int((mids < left).sum()) + (16 if inside else 0)
+    return table
+
+
+_NF4_GRID = _midpoint_grid(_NF4_MIDPOINTS)
+
+
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> torch.Tensor:
     """bitsandbytes' 8-bit *dynamic* code book (Dettmers 2016), sorted, float32, 256 values.
 
@@ -253,7 +279,9 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, to
     high nibble). An odd count is padded with 0.0, i.e. code 7 in the last low nibble.
 
     The nearest-code search is vectorised: ``torch.bucketize`` against the 15 midpoints between
-    neighbouring codes, one pass over the data.
+    neighbouring codes. On CPU the same search runs in cache-sized steps through a 4096-cell lookup
+    table over [-1, 1] (exact: values in the few cells that hold a midpoint are searched with
+    ``bucketize``), several times faster than ``bucketize`` alone; the bytes are the same.
 
     Returns:
         ``(packed, absmax)``: ``packed`` uint8 ``[(n + 1) // 2]``, ``absmax`` float32
@@ -268,11 +296,71 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, to
     _check_float_input(w, "w")
     _check_blocksize(blocksize)
     flat = w.detach().reshape(-1).float()
+    if flat.device.type == "cpu" and flat.numel() >= blocksize:
+        result = _quantize_nf4_cpu(flat, blocksize)
+        if result is not None:
+            return result
+    return _quantize_nf4_reference(flat, blocksize)
+
+
+def _quantize_nf4_reference(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recipe over the whole tensor at once (any device, any values, NaN and inf included)."""
     scaled, absmax = _blockwise_scaled(flat, blocksize)
     if scaled.numel() % 2:
         scaled = F.pad(scaled, (0, 1))  # 0.0 -> code 7
     codes = torch.bucketize(scaled, _NF4_MIDPOINTS.to(scaled.device), out_int32=True).to(torch.uint8)
     packed = (codes[0::2] << 4) | codes[1::2]
+    return packed, absmax
+
+
+# Values per step of the CPU loop in quantize_nf4: whole blocks, 64 KiB of float32 (each step's ops stay
+# below torch's parallel grain size, so they run without thread hand-offs, which cost more than they
+# save on small, cache-resident steps).
+_QUANT_CHUNK_VALUES = 1 << 14
+
+
+def _quantize_nf4_cpu(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`quantize_nf4` on CPU, same bytes, in cache-sized steps of whole blocks.
+
+    Each step scales its blocks exactly as :func:`_blockwise_scaled` does, looks every value up in
+    :data:`_NF4_GRID` (one gather instead of ``torch.bucketize``'s binary search), searches the
+    few values of flagged cells exactly, and packs. The last partial block goes through the
+    reference recipe. Returns None (the caller falls back to the reference) when a block's absmax
+    is not finite, i.e. the weights hold NaN or inf.
+    """
+    n = flat.numel()
+    full = n - n % blocksize
+    absmax = torch.empty(full // blocksize, dtype=torch.float32)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    chunk = max(blocksize, _QUANT_CHUNK_VALUES // blocksize * blocksize)
+    size = min(chunk, full)
+    scaled_buf = torch.empty(size, dtype=torch.float32)
+    index_buf = torch.empty(size, dtype=torch.int32)
+    codes_buf = torch.empty(size, dtype=torch.uint8)
+    grid = _NF4_GRID.numel()
+    for start in range(0, full, chunk):
+        stop = min(start + chunk, full)
+        blocks = flat[start:stop].view(-1, blocksize)
+        block_absmax = absmax[start // blocksize: stop // blocksize]
+        torch.amax(blocks.abs(), dim=1, out=block_absmax)
+        scaled = scaled_buf[: stop - start]
+        torch.mul(blocks, (1.0 / block_absmax.clamp(min=1e-38))[:, None], out=scaled.view(-1, blocksize))
+        scaled.clamp_(-1, 1)
+        index = index_buf[: stop - start]
+        index.copy_(scaled.add(1).mul_(grid / 2))  # float -> int32 truncates: the cell of each value
+        index.clamp_(0, grid - 1)
+        codes = codes_buf[: stop - start]
+        torch.index_select(_NF4_GRID, 0, index, out=codes)
+        flagged = (codes > 15).nonzero().squeeze(1)
+        if flagged.numel():
+            codes[flagged] = torch.bucketize(scaled[flagged], _NF4_MIDPOINTS, out_int32=True).to(torch.uint8)
+        torch.bitwise_or(codes[0::2] << 4, codes[1::2], out=packed[start // 2: stop // 2])
+    if not bool(torch.isfinite(absmax).all()):
+        return None
+    if full < n:  # the last, partial block: the reference recipe on its few values
+        tail_packed, tail_absmax = _quantize_nf4_reference(flat[full:], blocksize)
+        packed[full // 2:] = tail_packed
+        absmax = torch.cat([absmax, tail_absmax])
     return packed, absmax
 
 

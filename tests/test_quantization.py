@@ -141,6 +141,43 @@ def test_quantize_nf4_edge_values():
         assert torch.equal(p, r.reshape(-1)) and torch.equal(a, s.absmax)
 
 
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+def test_quantize_nf4_cpu_steps_and_lookup_table_byte_equal(blocksize):
+    # the CPU path works in steps of 16384 values through a lookup table: sizes across step
+    # boundaries, partial last blocks, odd counts, other dtypes, and exact codes and midpoints
+    # (the values the table must hand to the exact search) scattered through many blocks
+    gen = torch.Generator().manual_seed(blocksize)
+    mids = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+    special = torch.cat([NF4_CODE, mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-2.0))])
+    for n in [65536, 65537, 3 * 65536 + 4096 + 33, 200_001]:
+        w = torch.randn(n, generator=gen) * 0.05
+        # blocks whose absmax is exactly 1: their scaled values are the special values themselves
+        for b in range(0, min(n // blocksize, 40)):
+            start = b * blocksize * (n // blocksize // 40 or 1)
+            if start + blocksize <= n:
+                block = special[torch.randint(0, special.numel(), (blocksize,), generator=gen)].clone()
+                block[0] = 1.0
+                w[start:start + blocksize] = block
+        for dtype in DTYPES:
+            x = w.to(dtype)
+            packed, absmax = quantize_nf4(x, blocksize)
+            ref, state = bnb_nf4(x, blocksize)
+            assert torch.equal(packed, ref.reshape(-1)), (n, blocksize, dtype)
+            assert torch.equal(absmax, state.absmax), (n, blocksize, dtype)
+
+
+def test_quantize_nf4_non_finite_weights_follow_bitsandbytes():
+    w = torch.randn(300) * 0.05
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for where in (5, 290):   # a full block, the partial last block
+            x = w.clone()
+            x[where] = bad
+            packed, absmax = quantize_nf4(x)
+            ref, state = bnb_nf4(x, 64)
+            assert torch.equal(packed, ref.reshape(-1)), (bad, where)
+            assert torch.equal(absmax.nan_to_num(nan=-1.0), state.absmax.nan_to_num(nan=-1.0)), (bad, where)
+
+
 def test_quantize_nf4_all_zero_blocks_absmax_quirk():
     # bitsandbytes stores 0 for an all-zero full block but 1e-38 (its floor) for an all-zero partial block
     _, absmax = quantize_nf4(torch.zeros(100))
@@ -205,17 +242,19 @@ def test_dequantize_nf4_equals_native_bitsandbytes_when_rows_are_whole_blocks(sh
     assert torch.equal(ours, native.reshape(shape))
 
 
-def test_native_bitsandbytes_cpu_dequantize_is_wrong_for_rows_not_multiple_of_blocksize():
-    """bitsandbytes 0.50.2's native CPU kernel blocks each row separately, while quantization blocks
-    the flattened tensor: for shape (256, 96) and blocksize 64 it returns wrong values. If this test
-    fails, bitsandbytes has fixed the bug and the comparison above can cover every shape."""
+def test_dequantize_nf4_follows_the_definition_when_rows_are_not_whole_blocks():
+    """bitsandbytes 0.50.2's native CPU kernel blocks each row separately on some CPUs, while
+    quantization blocks the flattened tensor (REFERENCES.md: shape (256, 96), blocksize 64, errors
+    of ~0.1). Whether the installed kernel has that bug depends on the machine, so ours is held to
+    the definition, and to the native result only where the native result is itself right."""
     w = torch.randn(256, 96, generator=torch.Generator().manual_seed(0)) * 0.05
     packed, state = bnb_nf4(w, 64)
-    native = BF.dequantize_4bit(packed, state)
     ours = dequantize_nf4(packed.reshape(-1), state.absmax, (256, 96))
     assert torch.equal(ours, nf4_definition(packed, state.absmax, (256, 96), 64, torch.float32))
-    assert (native - ours).abs().max() > 0.02           # wrong by far more than the quantization step
     assert (ours - w).abs().max() < 0.3 * w.abs().max()  # ours reconstructs the weight
+    native = BF.dequantize_4bit(packed, state)
+    if (native - w).abs().max() < 0.3 * w.abs().max():   # this machine's kernel blocks correctly
+        assert torch.equal(ours, native)
 
 
 # ----- double quantization -----------------------------------------------------------------------
