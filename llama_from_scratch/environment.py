@@ -6,8 +6,11 @@ training runs shrink to a minute; a reader who leaves it unset gets the full-siz
 
 from __future__ import annotations
 
+import functools
 import os
 import random
+import time
+from pathlib import Path
 
 import torch
 
@@ -41,11 +44,52 @@ def pick_device(preferred: str | None = None) -> torch.device:
 
 
 def supports_bf16(device: torch.device | str) -> bool:
-    """Whether bfloat16 autocast is worth using on ``device`` (CUDA with bf16 support, or the CPU)."""
+    """Whether bfloat16 autocast is *worth using* on ``device``.
+
+    On CUDA: when the GPU has bfloat16 arithmetic (Ampere and newer). On the CPU it depends on the
+    processor. With bfloat16 instructions (AVX512-BF16, AMX) a bfloat16 matmul runs about twice as
+    fast as a float32 one; without them (AVX2-only CPUs) torch emulates it, up to 50 times slower
+    (measured on a 2-core AMD EPYC: 47 GFLOP/s in float32, 0.9 in bfloat16). So the answer for a
+    CPU is :func:`cpu_bf16_is_fast`. bfloat16 autocast *works* everywhere; this only says whether
+    it saves time.
+    """
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu"
+    if device.type == "cpu":
+        return cpu_bf16_is_fast()
+    return False
+
+
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_is_fast() -> bool:
+    """True when this CPU multiplies bfloat16 matrices faster than float32 ones.
+
+    Linux lists bfloat16 instructions in ``/proc/cpuinfo`` (``avx512_bf16``, ``amx_bf16``): if one
+    is there, yes. Elsewhere (or without them) a small probe decides: the best of five 256 x 256
+    matmuls in each precision. Measured once per process.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="ignore").split()
+        if any(flag in flags for flag in _BF16_CPU_FLAGS):
+            return True
+    except OSError:
+        pass
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(256, 256).to(dtype)
+        b = torch.randn(256, 256).to(dtype)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        timings[dtype] = best
+    return timings[torch.bfloat16] < timings[torch.float32]
 
 
 def seed_everything(seed: int) -> None:

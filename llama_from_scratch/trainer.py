@@ -435,8 +435,8 @@ class Trainer:
         else:
             device = pick_device(config.device)
         self.device = device
-        if config.dtype == "bf16" and not supports_bf16(device):
-            raise ValueError(f"bf16 autocast is not supported on {device}")
+        if config.dtype == "bf16" and device.type == "cuda" and not supports_bf16(device):
+            raise ValueError(f"bf16 autocast is not supported on {device} (a GPU older than Ampere)")
         self.use_bf16 = config.dtype == "bf16" or (config.dtype == "auto" and device.type == "cuda"
                                                    and supports_bf16(device))
 
