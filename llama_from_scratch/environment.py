@@ -48,8 +48,8 @@ def supports_bf16(device: torch.device | str) -> bool:
 
     On CUDA: when the GPU has bfloat16 arithmetic (Ampere and newer). On the CPU it depends on the
     processor. With bfloat16 instructions (AVX512-BF16, AMX) a bfloat16 matmul runs about twice as
-    fast as a float32 one; without them (AVX2-only CPUs) torch emulates it, up to 50 times slower
-    (measured on a 2-core AMD EPYC: 47 GFLOP/s in float32, 0.9 in bfloat16). So the answer for a
+    fast as a float32 one; without them (AVX2-only CPUs) torch emulates it, about 50 times slower
+    (measured side by side on a 2-core AVX2 AMD EPYC). So the answer for a
     CPU is :func:`cpu_bf16_is_fast`. bfloat16 autocast *works* everywhere; this only says whether
     it saves time.
     """

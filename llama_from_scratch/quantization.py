@@ -106,15 +106,12 @@ def _midpoint_grid(midpoints: torch.Tensor, grid: int = 4096, margin: float = 1e
     between midpoints (> 0.07), so a cell holds at most one.
     """
     edges = torch.linspace(-1, 1, grid + 1, dtype=torch.float64)
-    mids = midpoints.double()
-    table = torch.empty(grid, dtype=torch.uint8)
-    for k in range(grid):
-        left, right = edges[k] - margin, edges[k + 1] + margin
-        inside = int(((mids >= left) & (mids <= right)).sum())
-        if inside > 1:
-            raise AssertionError("grid cells must hold at most one midpoint")
-        table[k] = int((mids < left).sum()) + (16 if inside else 0)
-    return table
+    mids = midpoints.double().contiguous()
+    below = torch.searchsorted(mids, edges[:-1] - margin)                 # midpoints < left edge
+    inside = torch.searchsorted(mids, edges[1:] + margin, right=True) - below   # left <= m <= right
+    if int(inside.max()) > 1:
+        raise AssertionError("grid cells must hold at most one midpoint")
+    return (below + 16 * inside).to(torch.uint8)
 
 
 _NF4_GRID = _midpoint_grid(_NF4_MIDPOINTS)
