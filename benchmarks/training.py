@@ -3,12 +3,13 @@
 One training step = forward, loss, backward and an AdamW update, on ``--batch`` sequences of
 ``--seq-len`` random tokens. Both models are built in this one process from the same config (the
 SmolLM2-135M architecture by default) and hold the same weights (ours is initialised, transformers'
-loads its state dict: the key names are identical). They run alternately, several steps each; the
-median step time of each side counts (another process on a shared machine only ever slows a step
-down, and the median shrugs off those moments). Printed per precision (float32, and bfloat16
-autocast where the CPU supports it):
+loads its state dict: the key names are identical). They run interleaved: every round times one
+step of each side, in reversed order every other round, so that both see the same moments of a
+shared machine (single steps on a busy 2-core machine vary by 10% and more). Printed per
+precision (float32, and bfloat16 autocast where the CPU supports it):
 
-* tokens/s of each side and the ratio ours / transformers (> 1: ours is faster);
+* tokens/s of each side (median step time), and the speed ratio ours / transformers (> 1: ours
+  is faster) as the median of the per-round ratios, with its quartiles;
 * model FLOPs utilisation (MFU): ``6 N + 12 L d T`` FLOPs per token (see
   :func:`llama_from_scratch.trainer.estimate_flops_per_token`) times tokens/s, over the matmul
   peak measured here (the best FLOP/s of a large square matmul in that precision).
@@ -65,22 +66,24 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: tor
     return step
 
 
-def median_step_time(step, steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def interleaved_step_times(sides: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each side's step in each round; every round runs each side once, alternating the order."""
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    for r in range(rounds):
+        order = list(sides.items()) if r % 2 == 0 else list(reversed(sides.items()))
+        for side, step in order:
+            t = time.perf_counter()
+            step()
+            times[side].append(time.perf_counter() - t)
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per side per round")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="a 4-layer model, 2 steps x 1 round")
+    parser.add_argument("--rounds", type=int, default=12, help="timed steps per side (one per round)")
+    parser.add_argument("--quick", action="store_true", help="a 4-layer model, 3 rounds")
     parser.add_argument("--bf16", action="store_true", help="time bf16 autocast even where the CPU emulates it")
     args = parser.parse_args()
     import transformers
@@ -88,7 +91,7 @@ def main() -> None:
     config = LlamaConfig.smollm2_135m()
     if args.quick:
         config = LlamaConfig.from_hf({**config.to_hf(), "num_hidden_layers": 4})
-        args.steps, args.rounds = 2, 1
+        args.rounds = 3
     config = LlamaConfig.from_hf({**config.to_hf(), "max_position_embeddings": max(args.seq_len + 1, 2048)})
     torch.manual_seed(0)
     ours = Llama(config)
@@ -126,16 +129,16 @@ def main() -> None:
         }
         for step in sides.values():  # warm-up (allocations, oneDNN primitives)
             step()
-        best: dict[str, float] = {}
-        for _ in range(args.rounds):
-            for side, step in sides.items():
-                best[side] = min(best.get(side, float("inf")), median_step_time(step, args.steps))
+        times = interleaved_step_times(sides, args.rounds)
         print(f"\n{name}: measured matmul peak {peak / 1e9:.0f} GFLOP/s")
-        for side, seconds in best.items():
-            tok_s = tokens / seconds
+        for side, seconds in times.items():
+            tok_s = tokens / statistics.median(seconds)
             mfu = flops_per_token * tok_s / peak
-            print(f"  {side:18s} {seconds * 1e3:8.0f} ms/step  {tok_s:8.0f} tok/s  MFU {100 * mfu:5.1f}%")
-        print(f"  ratio ours / transformers: {best['transformers'] / best['ours']:.2f}x")
+            print(f"  {side:18s} {statistics.median(seconds) * 1e3:8.0f} ms/step  {tok_s:8.0f} tok/s  MFU {100 * mfu:5.1f}%")
+        ratios = [t / o for t, o in zip(times["transformers"], times["ours"])]
+        q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        print(f"  speed ratio ours / transformers (median of {len(ratios)} paired steps): {q2:.2f}x "
+              f"(quartiles {q1:.2f}-{q3:.2f})")
 
 
 if __name__ == "__main__":

@@ -149,3 +149,64 @@ def test_story_corpus_errors_are_clear(tmp_path):
     assert load_stories("train", data_dir=tmp_path) == ["ok"]
     with pytest.raises(FileNotFoundError, match="val.jsonl.gz"):
         load_stories("all", data_dir=tmp_path)
+
+
+def _story_build_module(tmp_path, monkeypatch):
+    """data/stories/build.py, loaded as a module with its corpus folder moved to tmp_path."""
+    import importlib.util
+
+    from llama_from_scratch.data import stories_dir
+
+    spec = importlib.util.spec_from_file_location("stories_build", stories_dir() / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    monkeypatch.setattr(build, "HERE", tmp_path)
+    monkeypatch.setattr(build, "RAW", tmp_path / "raw")
+    return build
+
+
+def _story(n: int) -> str:
+    """A distinct story that passes the quality filter (the near-duplicate key ignores digits)."""
+    name = chr(97 + n % 26) + chr(97 + n // 26)
+    words = " ".join(f"{name}word{chr(97 + i % 26)}{chr(97 + i // 26)}" for i in range(45))
+    return f"Once upon a time {name} began. {words}. The end of {name}."
+
+
+def test_story_build_extends_the_committed_corpus_on_a_fresh_clone(tmp_path, monkeypatch):
+    """``--finish`` with raw batches that start after the committed ones keeps the committed stories
+    (in order, same split), adds the new ones, drops near-duplicates across both, and sums the counts."""
+    import json as _json
+
+    build = _story_build_module(tmp_path, monkeypatch)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+
+    def write_batch(index: int, texts: list[str], finished: bool = True) -> None:
+        rows = [{"prompt": f"Write a very short children's story {t[:10]}", "text": t, "new_tokens": 60,
+                 "finished": finished, "batch": index, "seconds": 10.0} for t in texts]
+        (raw / f"batch_{index:05d}.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+
+    write_batch(0, [_story(i) for i in range(30)] + ["As an AI, I cannot. " * 10])
+    build.finish()
+    first = _json.loads((tmp_path / "stats.json").read_text())
+    assert first["generated"] == 31 and first["quality"] == 1 and first["kept"] == 30 and first["batches"] == 1
+    committed_train = [r["text"] for r in build.committed()[0]][: first["train"]]
+
+    # A fresh clone: the raw folder is gone; new batches continue at the committed batch count.
+    for f in raw.iterdir():
+        f.unlink()
+    write_batch(1, [_story(i) for i in range(30, 50)] + [_story(3)])  # story 3 again: a near-duplicate
+    build.finish()
+    stats = _json.loads((tmp_path / "stats.json").read_text())
+    assert stats["generated"] == 31 + 21 and stats["duplicate"] == 1 and stats["quality"] == 1
+    assert stats["kept"] == 50 and stats["batches"] == 2 and stats["generation_seconds"] == 20
+    records = build.committed()[0]
+    assert len(records) == 50 == stats["train"] + stats["val"]
+    assert [r["text"] for r in records][: len(committed_train)] == committed_train  # old stories first, in order
+
+    # Raw batches that leave a gap after the committed corpus are refused.
+    for f in raw.iterdir():
+        f.unlink()
+    write_batch(5, [_story(99)])
+    with pytest.raises(SystemExit, match="must continue it"):
+        build.finish()
