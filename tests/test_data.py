@@ -128,6 +128,7 @@ def test_story_corpus_loads_without_the_model_and_splits_are_disjoint():
     stats = _json.loads((stories_dir() / "stats.json").read_text())
     assert stats["train"] == len(train) and stats["val"] == len(val)
     assert sum(r["smollm2_tokens"] for r in load_stories("all", with_prompts=True)) == stats["smollm2_tokens_kept"]
+    assert stats["smollm2_tokens_kept"] >= 1_000_000  # the size the pretraining issue asked for
 
 
 def test_story_corpus_errors_are_clear(tmp_path):
