@@ -36,12 +36,11 @@ with respect to both the hidden states and the output weight. Variants:
 
 How peak memory is measured on a CPU. ``tracemalloc`` does not see torch's allocations (they are
 made in C++), and torch has no CPU equivalent of ``torch.cuda.max_memory_allocated``. So every
-measurement runs in a fresh subprocess: it builds the inputs, reads the resident-set high-water
-memory now (the *baseline*, from ``/proc/self/statm``), runs forward + backward once, and reads
+measurement runs in a fresh subprocess: it builds the inputs, reads the resident
+memory now (the *baseline*, ``psutil.Process().memory_info().rss``), runs forward + backward once, and reads
 the resident-set high-water mark ``resource.getrusage(RUSAGE_SELF).ru_maxrss``. The difference is
 the extra memory the loss needed at its peak. (Inputs are built in place, so that no transient
-copy before the baseline raises the high-water mark; without /proc, e.g. on macOS, the baseline
-is the high-water mark itself, a slight underestimate.) (glibc serves
+copy before the baseline raises the high-water mark.) (glibc serves
 big blocks with ``mmap`` and returns them on ``free``, so the RSS follows live tensors closely.)
 The time is the best of ``--repeats`` further runs in the same subprocess. Ratios are taken
 between variants measured in this one invocation, on the same machine, one after another.
@@ -63,6 +62,7 @@ VARIANTS = ("torch", "ours", "chunked")
 
 _WORKER = r"""
 import json, resource, sys, time
+import psutil
 import torch
 import torch.nn.functional as F
 from llama_from_scratch.loss import chunked_cross_entropy, cross_entropy
@@ -73,12 +73,8 @@ if threads > 0:
     torch.set_num_threads(threads)
 torch.manual_seed(0)
 def rss_mib():
-    # resident memory now (Linux /proc), else the high-water mark so far (macOS, BSD)
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
-    except OSError:
-        return peak_mib()
+    # resident memory now, on every OS
+    return psutil.Process().memory_info().rss / 2 ** 20
 
 def peak_mib():
     # ru_maxrss is in KiB on Linux and in bytes on macOS
