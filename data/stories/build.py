@@ -75,13 +75,20 @@ def make_prompt(rng: random.Random) -> str:
     return f"Write a very short children's story about {character} {setting} who {problem}. {style}"
 
 
+def committed_stats() -> dict:
+    """The ``stats.json`` of the corpus already committed next to this file, or ``{}``."""
+    path = HERE / "stats.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def committed() -> tuple[list[dict], dict]:
     """The corpus already committed next to this file (records, stats), or nothing."""
-    if not (HERE / "stats.json").exists():
+    stats = committed_stats()
+    if not stats:
         return [], {}
     records = [json.loads(line) for name in ("train", "val")
                for line in gzip.open(HERE / f"{name}.jsonl.gz", "rt", encoding="utf-8")]
-    return records, json.loads((HERE / "stats.json").read_text())
+    return records, stats
 
 
 def raw_batches() -> dict[int, Path]:
@@ -102,7 +109,7 @@ def generate_batches(target_tokens: int, batch_size: int, max_new_tokens: int, r
     done = raw_batches()
     if done and not resume:
         sys.exit(f"{RAW} already holds {len(done)} batches: pass --resume to continue, or delete it")
-    records, stats = committed() if resume else ([], {})
+    stats = committed_stats() if resume else {}
     # Counted in generated tokens; the committed part counts with what it kept.
     tokens = stats.get("smollm2_tokens_kept", 0)
     tokens += sum(r["new_tokens"] for f in done.values() for r in map(json.loads, f.read_text().splitlines()))
