@@ -30,6 +30,11 @@ __all__ = [
 ]
 
 
+# Elements per tile of the AdamW update: 2**18 float32 numbers are 1 MiB per tensor, so the five
+# tensors one tile touches (parameter, gradient, two moments, scratch) stay in the CPU's cache.
+TILE_SIZE = 2 ** 18
+
+
 def _check_hparams(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
     if not lr >= 0.0:
         raise ValueError(f"lr must be >= 0, got {lr}")
@@ -74,12 +79,17 @@ class AdamW(torch.optim.Optimizer):
     ``state_dict`` / ``load_state_dict`` come from ``torch.optim.Optimizer``; the per-parameter
     state (``step`` as a float32 tensor, ``exp_avg``, ``exp_avg_sq``) has torch's names, so a
     ``torch.optim.AdamW`` state dict loads here and the other way round.
+
+    ``tile_size`` (elements) only changes speed, not results: on a CPU each parameter is updated
+    a tile at a time, so that the update runs in cache (see :func:`_adamw_update_`).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2) -> None:
+                 weight_decay: float = 1e-2, tile_size: int = TILE_SIZE) -> None:
         _check_hparams(lr, betas, eps, weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.tile_size = _check_tile_size(tile_size)
+        self._scratch: dict = {}  # a reusable buffer per (dtype, device), see _adamw_update_
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -100,24 +110,59 @@ class AdamW(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if wd != 0:
-                    p.mul_(1 - lr * wd)
-                _step_in_place(p, p.grad, state, lr, beta1, beta2, eps)
+                _adamw_update_(p, p.grad, state, lr, beta1, beta2, eps, wd, self.tile_size, self._scratch)
         return loss
 
 
-def _step_in_place(p, grad, state, lr, beta1, beta2, eps) -> None:
-    """The Adam update applied to ``p`` with torch's exact final operation (``addcdiv_``)."""
-    exp_avg, exp_avg_sq, step_t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+def _check_tile_size(tile_size: int) -> int:
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
+        raise ValueError(f"tile_size must be a positive int, got {tile_size!r}")
+    return tile_size
+
+
+def _adamw_update_(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, beta1: float, beta2: float,
+                   eps: float, weight_decay: float, tile_size: int, scratch: dict) -> None:
+    """Decoupled weight decay, then the Adam update of ``p`` (and its moments in ``state``), in place.
+
+    These are torch's operations in torch's order, so the result is bit-identical to
+    ``torch.optim.AdamW``; they are applied one *tile* of ``tile_size`` elements at a time. Why:
+    every line below is a separate pass over its tensors, about 20 passes in all. Done on the whole
+    of a 113 MB embedding matrix, each pass streams it from main memory; done on a 1 MiB tile, the
+    tile stays in cache and main memory sees each tensor about once. The denominator goes into a
+    reused ``scratch`` buffer instead of two fresh tensors per parameter and step (on a CPU, fresh
+    large allocations cost page faults). Together about 2.5x faster than torch's default
+    (single-tensor) AdamW on a CPU (``benchmarks/training.py``); torch's ``fused=True`` kernel does
+    all of it in one pass in C++. On a GPU the whole tensor is one tile.
+    """
+    step_t = state["step"]
     step_t += 1
     step = step_t.item()
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     bias_correction1 = 1 - beta1 ** step
     bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
     step_size = lr / bias_correction1
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-step_size)
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    tensors = (p, grad, exp_avg, exp_avg_sq)
+    n = p.numel()
+    if p.device.type != "cpu":  # a GPU streams whole tensors fast; tiles would only add kernel launches
+        tile_size = max(n, 1)
+    if all(t.is_contiguous() for t in tensors):
+        flat = [t.view(-1) for t in tensors]
+        tiles = [[t[start:start + tile_size] for t in flat] for start in range(0, n, tile_size)]
+        key = (p.dtype, p.device)
+        if key not in scratch or scratch[key].numel() < min(tile_size, n):
+            scratch[key] = torch.empty(min(tile_size, n), dtype=p.dtype, device=p.device)
+        buffer = scratch[key]
+    else:  # a strided tensor cannot be cut into flat tiles: one tile, the whole tensor
+        tiles = [list(tensors)]
+        buffer = torch.empty_like(exp_avg_sq)
+    for param, g, m, v in tiles:
+        denom = buffer.view(-1)[: v.numel()].view_as(v) if v.is_contiguous() else buffer
+        param.mul_(1 - lr * weight_decay)                  # decoupled decay, before the update
+        m.lerp_(g, 1 - beta1)                             # m += (1 - beta1) (g - m)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)      # v = beta2 v + (1 - beta2) g^2
+        torch.sqrt(v, out=denom)                          # sqrt(v_hat) + eps = sqrt(v) / sqrt(bc2) + eps
+        denom.div_(bias_correction2_sqrt).add_(eps)
+        param.addcdiv_(m, denom, value=-step_size)        # p -= lr / bc1 * m / denom
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,6 +317,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                  weight_decay: float = 1e-2) -> None:
         _check_hparams(lr, betas, eps, weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self._scratch: dict = {}  # reusable AdamW buffers, see _adamw_update_
         for group in self.param_groups:
             if "rank" in group:
                 if not isinstance(group["rank"], int) or group["rank"] <= 0:
@@ -321,11 +367,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         like = p
                     state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
-                if wd != 0:
-                    p.mul_(1 - lr * wd)
                 if not low_rank:
-                    _step_in_place(p, grad, state, lr, beta1, beta2, eps)
+                    _adamw_update_(p, grad, state, lr, beta1, beta2, eps, wd, TILE_SIZE, self._scratch)
                     continue
+                p.mul_(1 - lr * wd)
                 # The step counter before this update decides whether the subspace is refreshed
                 # (steps 0, gap, 2 gap, ...); the moments are kept across refreshes, as in GaLore.
                 if int(state["step"].item()) % group["update_proj_gap"] == 0 and state["step"].item() > 0:

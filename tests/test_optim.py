@@ -83,6 +83,38 @@ def test_adamw_rejects_bad_hyperparameters():
             AdamW(p, **kwargs)
 
 
+@pytest.mark.parametrize("tile_size", [1, 7, 1000, 2 ** 18])
+def test_adamw_tiles_are_bit_identical_to_torch(tile_size):
+    # Sizes around the tile boundary (one short, exact, one over, several tiles with a tail),
+    # a 0-element and a 1-element parameter, and a strided (transposed) parameter that cannot be
+    # cut into flat tiles.
+    g = torch.Generator().manual_seed(3)
+    shapes = [(999,), (1000,), (1001,), (10_007,), (0,), (1,), (37, 53)]
+    ours_params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    ours_params.append(torch.nn.Parameter(torch.randn(40, 30, generator=g).t()))
+    assert not ours_params[-1].is_contiguous()
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    ours = AdamW(ours_params, lr=3e-2, weight_decay=0.1, tile_size=tile_size)
+    ref = torch.optim.AdamW(ref_params, lr=3e-2, weight_decay=0.1)
+    for _ in range(5):
+        for a, b in zip(ours_params, ref_params):
+            grad = torch.randn(a.shape, generator=g)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step()
+        ref.step()
+    for a, b in zip(ours_params, ref_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ours.state[a][key], ref.state[b][key], rtol=0, atol=0)
+
+
+def test_adamw_rejects_a_bad_tile_size():
+    p = [torch.nn.Parameter(torch.zeros(2))]
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="tile_size"):
+            AdamW(p, tile_size=bad)
+
+
 def test_cosine_schedule_values():
     kw = dict(max_lr=1.0, min_lr=0.1, warmup_steps=10, total_steps=110)
     assert cosine_schedule(0, **kw) == pytest.approx(0.1)       # (0 + 1) / 10: never a zero-lr step
