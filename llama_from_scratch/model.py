@@ -22,6 +22,7 @@ from torch import nn
 from llama_from_scratch.attention import GroupedQueryAttention, KVCache, build_attention_mask
 from llama_from_scratch.config import LlamaConfig
 from llama_from_scratch.feed_forward import SwiGLU
+from llama_from_scratch.loss import chunked_cross_entropy, cross_entropy
 from llama_from_scratch.normalization import RMSNorm
 from llama_from_scratch.rope import precompute_rope
 
@@ -211,8 +212,10 @@ class Llama(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Next-token logits ``[B, T, vocab_size]`` for ``input_ids`` (``[B, T]``, integer).
+        """Next-token logits ``[B, T, vocab_size]`` for ``input_ids`` (``[B, T]``, integer), or,
+        given ``targets``, the training loss.
 
         Args:
             input_ids: token ids.
@@ -230,13 +233,44 @@ class Llama(nn.Module):
                 that name. Generation needs only the last position, and the output projection is
                 the largest matrix of a small model: with ``logits_to_keep=1`` a prompt of ``T``
                 tokens costs one row of it instead of ``T``.
+            targets: the next token at every position, ``[B, T]`` (``-100`` = no target, e.g.
+                padding or a masked prompt). Then the mean cross-entropy over the targets (a
+                scalar) is returned instead of logits (nanoGPT's ``forward(idx, targets)``); see
+                :meth:`next_token_loss`.
         """
         if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be an int >= 0 (0 = all positions), got {logits_to_keep!r}")
+        if targets is not None and logits_to_keep:
+            raise ValueError("targets needs the logits of every position: do not combine it with logits_to_keep")
         hidden = self.model(input_ids, start_pos, kv_cache, attention_mask, position_ids)
+        if targets is not None:
+            return self.next_token_loss(hidden, targets)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden)
+
+    def next_token_loss(self, hidden: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean cross-entropy of the output projection of ``hidden`` (``[B, T, dim]``, the
+        backbone's output) against ``targets`` (``[B, T]``), positions equal to ``ignore_index``
+        left out.
+
+        In float32 this is chapter 2's :func:`~llama_from_scratch.loss.chunked_cross_entropy` on
+        ``lm_head.weight``: the ``[B, T, vocab_size]`` logits are never stored, and neither are
+        their softmax nor their gradient, only a chunk at a time (at SmolLM2's 49,152-entry
+        vocabulary, 4 x 256 tokens of logits are 201 MB, and the unfused loss keeps about three such
+        tensors). Same value and gradients as ``cross_entropy(lm_head(hidden), targets)`` up to
+        float32 rounding (tested). Under bfloat16 autocast, or when ``lm_head`` is not a plain
+        ``nn.Linear`` (LoRA on it, 4-bit), the logits are computed as usual (autocast then runs the
+        projection in bfloat16, the chunked loss would run it in float32) and the loss in float32.
+        """
+        lm_head = self.lm_head
+        fused = (type(lm_head) is nn.Linear and lm_head.bias is None
+                 and not torch.is_autocast_enabled(hidden.device.type))
+        if fused:
+            return chunked_cross_entropy(hidden, lm_head.weight, targets, ignore_index=ignore_index)
+        logits = lm_head(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return cross_entropy(logits.float(), targets, ignore_index=ignore_index)
 
     # ----- helpers ------------------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ from torch import nn
 from llama_from_scratch.data import StepSampler, TokenBlockDataset
 from llama_from_scratch.environment import pick_device, supports_bf16
 from llama_from_scratch.loss import cross_entropy
+from llama_from_scratch.model import Llama
 from llama_from_scratch.optim import (AdamW, GaLoreAdamW, clip_grad_norm, cosine_schedule, galore_param_groups,
                                       weight_decay_groups)
 
@@ -485,12 +486,20 @@ class Trainer:
         return t
 
     def _loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of ``model`` on the targets ``y`` of the inputs ``x``.
+
+        A :class:`~llama_from_scratch.model.Llama` computes it itself (``model(x, targets=y)``,
+        through DistributedDataParallel's wrapper when there is one): in float32 that is the
+        chunked loss, which never stores the ``[B, T, vocab]`` logits. Other models return logits.
+        """
         with self._autocast():
+            if not (y != IGNORE_INDEX).any():
+                # A micro-batch without a single target (every response cut away in SFT): a zero that
+                # still depends on the weights, so backward works and the step changes nothing.
+                return model(x).float().sum() * 0.0
+            if isinstance(self.model, Llama):
+                return model(x, targets=y)
             logits = model(x)
-        if not (y != IGNORE_INDEX).any():
-            # A micro-batch without a single target (every response cut away in SFT): a zero that
-            # still depends on the weights, so backward works and the step changes nothing.
-            return logits.float().sum() * 0.0
         return cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
 
     # ----- one step -------------------------------------------------------------------------

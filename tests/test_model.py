@@ -273,3 +273,79 @@ def test_logits_to_keep_returns_the_last_positions_only():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="logits_to_keep"):
             model(ids, logits_to_keep=bad)
+
+
+# ----- the training loss: model(x, targets=y) ------------------------------------------------
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_targets_loss_and_gradients_equal_hf_labels_loss(name):
+    # Independent reference: transformers' own loss (labels already shifted: shift_labels),
+    # with -100 targets (padding, masked prompt) in the batch and one sequence of length 1.
+    config = CONFIGS[name]
+    torch.manual_seed(0)
+    ours = Llama(config)
+    ref = hf_model(config, attn="sdpa")
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randint(0, config.vocab_size, (3, 11))
+    y = torch.randint(0, config.vocab_size, (3, 11))
+    y[0, :4] = -100
+    y[2, 5:] = -100
+    loss = ours(x, targets=y)
+    ref_loss = ref(input_ids=x, labels=y, shift_labels=y).loss
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    loss.backward()
+    ref_loss.backward()
+    ref_grads = _grads(ref)
+    for n, g in _grads(ours).items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-5, atol=1e-7, msg=n)
+    one = torch.randint(0, config.vocab_size, (1, 1))
+    torch.testing.assert_close(ours(one, targets=one), ref(input_ids=one, labels=one, shift_labels=one).loss,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_targets_loss_never_stores_the_full_logits():
+    # The chunked loss computes the gradients in the forward pass: nothing of size [B, T, V] is
+    # saved for backward (the unfused loss saves the logits' softmax, B*T*V numbers).
+    config = LlamaConfig.tiny(vocab_size=512)
+    model = Llama(config)
+    x = torch.randint(0, 512, (2, 33))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        model(x, targets=x)
+    assert max(saved) < 2 * 33 * 512
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        from llama_from_scratch.loss import cross_entropy
+        cross_entropy(model(x), x)
+    assert max(saved) >= 2 * 33 * 512  # the check above can fail
+
+
+def test_targets_loss_under_bf16_autocast_and_with_a_wrapped_lm_head():
+    from llama_from_scratch.lora import apply_lora
+    from llama_from_scratch.loss import cross_entropy
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.tiny())
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, targets=x)
+        expected = cross_entropy(model(x).float(), x)  # bf16 logits, float32 loss
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    apply_lora(model, target_modules=("lm_head",), r=2)
+    torch.testing.assert_close(model(x, targets=x), cross_entropy(model(x), x), rtol=1e-6, atol=1e-6)
+
+
+def test_targets_bad_input():
+    model = Llama(LlamaConfig.tiny())
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(x, targets=x, logits_to_keep=1)
+    with pytest.raises(ValueError, match="targets of shape"):
+        model(x, targets=x[:, 1:])
+    with pytest.raises(ValueError):
+        model(x, targets=torch.full_like(x, model.config.vocab_size))  # a target outside the vocabulary
