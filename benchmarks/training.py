@@ -1,23 +1,28 @@
 """Training-step speed: this package's Llama vs transformers' ``LlamaForCausalLM``, same config and weights.
 
 One training step = forward, loss, backward and an AdamW update, on ``--batch`` sequences of
-``--seq-len`` random tokens. Both models are built in this one process from the same config (the
-SmolLM2-135M architecture by default) and hold the same weights (ours is initialised, transformers'
-loads its state dict: the key names are identical). They run interleaved: every round times one
-step of each side, in reversed order every other round, so that both see the same moments of a
-shared machine (single steps on a busy 2-core machine vary by 10% and more). Printed per
-precision (float32, and bfloat16 autocast where the CPU supports it):
+``--seq-len`` random tokens, each library computing its own loss: ours ``model(x, targets=y)``
+(the chunked cross-entropy of chapter 2, no ``[B, T, V]`` logits stored), transformers'
+``model(input_ids=x, labels=y, shift_labels=y).loss`` (logits, then ``F.cross_entropy``). Both
+models are built in this one process from the same config (the SmolLM2-135M architecture by
+default) and hold the same weights (ours is initialised, transformers' loads its state dict: the
+key names are identical); their first losses are printed side by side. Four steps are timed:
 
-* tokens/s of each side (median step time), and the speed ratio ours / transformers (> 1: ours
-  is faster) as the median of the per-round ratios, with its quartiles: for the models alone
-  (both with ``torch.optim.AdamW``) and for the training step as each library runs it (ours with
-  the package's AdamW, which the ``Trainer`` uses);
-* model FLOPs utilisation (MFU): ``6 N + 12 L d T`` FLOPs per token (see
-  :func:`llama_from_scratch.trainer.estimate_flops_per_token`) times tokens/s, over the matmul
-  peak measured here (the best FLOP/s of a large square matmul in that precision).
+* ``ours`` and ``transformers``: the two models, both with ``torch.optim.AdamW`` (torch's
+  default implementation on a CPU, one tensor at a time);
+* ``ours + our AdamW``: the step as this package's ``Trainer`` runs it, with the from-scratch
+  ``AdamW`` (bit-identical to torch's, updating in cache-sized tiles);
+* ``transformers + fused AdamW``: the step as transformers' ``Trainer`` runs it by default
+  (``optim="adamw_torch_fused"``: torch's one-pass C++ AdamW kernel).
 
-Both sides use ``torch.optim.AdamW`` for the comparison of the models; our from-scratch
-``AdamW`` is timed too (its step on the same parameters).
+They run interleaved: every round times one step of each, in reversed order every other round,
+so that all see the same moments of a shared machine (single steps on a busy 2-core machine vary
+by 10% and more). Printed per precision (float32, and bfloat16 autocast where the CPU supports it):
+
+* the median step time and tokens/s of each, and model FLOPs utilisation (MFU): ``6 N + 12 L d T``
+  FLOPs per token (see :func:`llama_from_scratch.trainer.estimate_flops_per_token`) times tokens/s,
+  over the matmul peak measured here (the best FLOP/s of a large square matmul in that precision);
+* speed ratios (> 1: the first is faster) as the median of the per-round ratios, with quartiles.
 
     python benchmarks/training.py                  # SmolLM2-135M config, 4 x 256 tokens
     python benchmarks/training.py --quick          # a 4-layer model, fewer steps
@@ -33,7 +38,6 @@ import torch
 
 from llama_from_scratch.config import LlamaConfig
 from llama_from_scratch.environment import supports_bf16
-from llama_from_scratch.loss import cross_entropy
 from llama_from_scratch.model import Llama
 from llama_from_scratch.optim import AdamW
 from llama_from_scratch.trainer import estimate_flops_per_token
@@ -53,13 +57,12 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
 
 def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor, bf16: bool,
               hf: bool):
-    """A closure running one training step; returns the loss (a float)."""
-    x, y = ids[:, :-1], ids[:, 1:]
+    """A closure running one training step (each library's own loss); returns the loss (a float)."""
+    x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
     def step() -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x).logits if hf else model(x)
-        loss = cross_entropy(logits.float(), y)
+            loss = model(input_ids=x, labels=y, shift_labels=y).loss if hf else model(x, targets=y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -84,7 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=12, help="timed steps per side (one per round)")
+    parser.add_argument("--rounds", type=int, default=16, help="timed steps per side (one per round)")
     parser.add_argument("--quick", action="store_true", help="a 4-layer model, 3 rounds")
     parser.add_argument("--bf16", action="store_true", help="time bf16 autocast even where the CPU emulates it")
     args = parser.parse_args()
@@ -107,13 +110,13 @@ def main() -> None:
     print(f"model: {n_params / 1e6:.1f}M parameters, {config.n_layers} layers, dim {config.dim}; "
           f"batch {args.batch} x {args.seq_len} tokens; {torch.get_num_threads()} threads")
 
-    # Same weights, same data: the first losses must agree (float32), or the comparison is void.
-    check_ours = Llama(config)
-    check_ours.load_state_dict(ours.state_dict())
+    # Same weights, same data: logits and losses must agree (float32), or the comparison is void.
     with torch.no_grad():
-        diff = (check_ours(ids[:, :-1]) - theirs(ids[:, :-1]).logits).abs().max().item()
-    print(f"same weights: max |logits ours - transformers| = {diff:.1e}")
-    del check_ours
+        x, y = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+        diff = (ours(x) - theirs(x).logits).abs().max().item()
+        loss_ours, loss_theirs = ours(x, targets=y).item(), theirs(input_ids=x, labels=y, shift_labels=y).loss.item()
+    print(f"same weights: max |logits ours - transformers| = {diff:.1e}; "
+          f"loss ours {loss_ours:.6f}, transformers {loss_theirs:.6f}")
 
     # bf16 autocast runs on every CPU; it pays off only where the CPU has bf16 instructions
     # (AVX512-BF16, AMX). Elsewhere torch emulates it, tens of times slower: skipped unless --bf16.
@@ -128,6 +131,8 @@ def main() -> None:
             "ours": make_step(ours, torch.optim.AdamW(ours.parameters(), lr=1e-4), ids, bf16, hf=False),
             "transformers": make_step(theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-4), ids, bf16, hf=True),
             "ours + our AdamW": make_step(ours, AdamW(ours.parameters(), lr=1e-4), ids, bf16, hf=False),
+            "transformers + fused AdamW": make_step(
+                theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=True), ids, bf16, hf=True),
         }
         for step in sides.values():  # warm-up (allocations, oneDNN primitives)
             step()
@@ -136,12 +141,13 @@ def main() -> None:
         for side, seconds in times.items():
             tok_s = tokens / statistics.median(seconds)
             mfu = flops_per_token * tok_s / peak
-            print(f"  {side:18s} {statistics.median(seconds) * 1e3:8.0f} ms/step  {tok_s:8.0f} tok/s  MFU {100 * mfu:5.1f}%")
-        for side in ("ours", "ours + our AdamW"):
-            ratios = [t / o for t, o in zip(times["transformers"], times[side])]
+            print(f"  {side:27s} {statistics.median(seconds) * 1e3:8.0f} ms/step  {tok_s:8.0f} tok/s  MFU {100 * mfu:5.1f}%")
+        for faster, slower in (("ours", "transformers"), ("ours + our AdamW", "transformers"),
+                               ("ours + our AdamW", "transformers + fused AdamW")):
+            ratios = [s / f for f, s in zip(times[faster], times[slower])]
             q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
-            print(f"  speed ratio {side} / transformers (median of {len(ratios)} paired steps): {q2:.2f}x "
-                  f"(quartiles {q1:.2f}-{q3:.2f})")
+            print(f"  speed ratio {faster} / {slower} (median of {len(ratios)} paired steps): {q2:.3f}x "
+                  f"(quartiles {q1:.3f}-{q3:.3f})")
 
 
 if __name__ == "__main__":
