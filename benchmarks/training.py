@@ -22,6 +22,8 @@ by 10% and more). Printed per precision (float32, and bfloat16 autocast where th
 * the median step time and tokens/s of each, and model FLOPs utilisation (MFU): ``6 N + 12 L d T``
   FLOPs per token (see :func:`llama_from_scratch.trainer.estimate_flops_per_token`) times tokens/s,
   over the matmul peak measured here (the best FLOP/s of a large square matmul in that precision);
+* the optimizer step alone (torch's default AdamW, torch's fused kernel, ours) on the model's
+  parameters with random gradients;
 * speed ratios (> 1: the first is faster) as the median of the per-round ratios, with quartiles.
 
     python benchmarks/training.py                  # SmolLM2-135M config, 4 x 256 tokens
@@ -83,6 +85,29 @@ def interleaved_step_times(sides: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
+def optimizer_step_ms(config: LlamaConfig, repeats: int = 6) -> dict[str, float]:
+    """Median milliseconds of one AdamW step on a fresh model's parameters with random gradients:
+    torch's default AdamW, torch's fused kernel, and ours."""
+    makers = {
+        "torch.optim.AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-4),
+        "torch.optim.AdamW(fused=True)": lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+        "our AdamW": lambda ps: AdamW(ps, lr=1e-4),
+    }
+    model = Llama(config)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizers = {name: make(list(model.parameters())) for name, make in makers.items()}
+    for opt in optimizers.values():
+        opt.step()  # creates the state
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for _ in range(repeats):
+        for name, opt in optimizers.items():
+            t = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - t)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
@@ -142,6 +167,9 @@ def main() -> None:
             tok_s = tokens / statistics.median(seconds)
             mfu = flops_per_token * tok_s / peak
             print(f"  {side:27s} {statistics.median(seconds) * 1e3:8.0f} ms/step  {tok_s:8.0f} tok/s  MFU {100 * mfu:5.1f}%")
+        if not bf16:
+            steps = optimizer_step_ms(config)
+            print("  the optimizer step alone: " + ", ".join(f"{k} {v:.0f} ms" for k, v in steps.items()))
         for faster, slower in (("ours", "transformers"), ("ours + our AdamW", "transformers"),
                                ("ours + our AdamW", "transformers + fused AdamW")):
             ratios = [s / f for f, s in zip(times[faster], times[slower])]
