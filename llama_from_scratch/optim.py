@@ -130,7 +130,7 @@ def _adamw_update_(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, 
     of a 113 MB embedding matrix, each pass streams it from main memory; done on a 1 MiB tile, the
     tile stays in cache and main memory sees each tensor about once. The denominator goes into a
     reused ``scratch`` buffer instead of two fresh tensors per parameter and step (on a CPU, fresh
-    large allocations cost page faults). Together about 2.5x faster than torch's default
+    large allocations cost page faults). Together less than half the time of torch's default
     (single-tensor) AdamW on a CPU (``benchmarks/training.py``); torch's ``fused=True`` kernel does
     all of it in one pass in C++. On a GPU the whole tensor is one tile.
     """
