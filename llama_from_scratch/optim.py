@@ -146,17 +146,15 @@ def _adamw_update_(p: torch.Tensor, grad: torch.Tensor, state: dict, lr: float, 
     if p.device.type != "cpu":  # a GPU streams whole tensors fast; tiles would only add kernel launches
         tile_size = max(n, 1)
     if all(t.is_contiguous() for t in tensors):
-        flat = [t.view(-1) for t in tensors]
-        tiles = [[t[start:start + tile_size] for t in flat] for start in range(0, n, tile_size)]
         key = (p.dtype, p.device)
         if key not in scratch or scratch[key].numel() < min(tile_size, n):
             scratch[key] = torch.empty(min(tile_size, n), dtype=p.dtype, device=p.device)
-        buffer = scratch[key]
+        flat = [t.view(-1) for t in tensors]
+        tiles = [[t[start:start + tile_size] for t in flat] + [scratch[key][: min(tile_size, n - start)]]
+                 for start in range(0, n, tile_size)]
     else:  # a strided tensor cannot be cut into flat tiles: one tile, the whole tensor
-        tiles = [list(tensors)]
-        buffer = torch.empty_like(exp_avg_sq)
-    for param, g, m, v in tiles:
-        denom = buffer.view(-1)[: v.numel()].view_as(v) if v.is_contiguous() else buffer
+        tiles = [[*tensors, torch.empty_like(exp_avg_sq)]]
+    for param, g, m, v, denom in tiles:
         param.mul_(1 - lr * weight_decay)                  # decoupled decay, before the update
         m.lerp_(g, 1 - beta1)                             # m += (1 - beta1) (g - m)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)      # v = beta2 v + (1 - beta2) g^2

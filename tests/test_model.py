@@ -8,6 +8,8 @@ import transformers
 
 from llama_from_scratch.attention import KVCache
 from llama_from_scratch.config import LlamaConfig
+from llama_from_scratch.lora import apply_lora
+from llama_from_scratch.loss import cross_entropy
 from llama_from_scratch.model import Llama, TransformerBlock
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -320,14 +322,11 @@ def test_targets_loss_never_stores_the_full_logits():
     assert max(saved) < 2 * 33 * 512
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-        from llama_from_scratch.loss import cross_entropy
         cross_entropy(model(x), x)
     assert max(saved) >= 2 * 33 * 512  # the check above can fail
 
 
 def test_targets_loss_under_bf16_autocast_and_with_a_wrapped_lm_head():
-    from llama_from_scratch.lora import apply_lora
-    from llama_from_scratch.loss import cross_entropy
     torch.manual_seed(0)
     model = Llama(LlamaConfig.tiny())
     x = torch.randint(0, model.config.vocab_size, (2, 9))
