@@ -3,8 +3,11 @@
 Each module ``chNN_<topic>.py`` in this package defines ``CHECKS``: a dict from an exercise name
 (the name of the function the student writes) to a check. A check takes the student's function,
 calls it on inputs drawn at grading time, compares with a reference, and raises ``AssertionError``
-with a message the student can act on. Chapters are discovered by module name, so adding a
-chapter's checks needs no edit here.
+with a message the student can act on. A module may also define ``FORBIDDEN``: a dict from an
+exercise name to the dotted names its answer must not use (``"torch.nn.functional.cross_entropy"``,
+``"torch.Tensor.logsumexp"``, ``"torch.autograd"``); the grader enforces them, and forbids the
+package itself (``llama_from_scratch``) in every answer. ``common.py`` holds what checks share.
+Chapters are discovered by module name, so adding a chapter's checks needs no edit here.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ def chapter_checks(chapter: str) -> dict[str, Check]:
         raise KeyError(f"no checks for chapter {chapter!r}; known chapters: {', '.join(chapters())}")
     module = importlib.import_module(f"{__name__}.{chapter}")
     return dict(module.CHECKS)
+
+
+def chapter_forbidden(chapter: str) -> dict[str, list[str]]:
+    """The ``FORBIDDEN`` dict of one chapter (exercise -> dotted names its answer must not use)."""
+    chapter_checks(chapter)
+    module = importlib.import_module(f"{__name__}.{chapter}")
+    return {name: list(names) for name, names in getattr(module, "FORBIDDEN", {}).items()}
 
 
 def find_check(exercise: str) -> tuple[str, Check]:
