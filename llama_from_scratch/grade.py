@@ -5,14 +5,21 @@
     pytest tests/exercises --notebooks exercises
 
 How it works. The grader never runs a notebook top to bottom (that would re-run training cells).
-It reads the code cells, keeps only the *definitions* (imports, ``def``, ``class`` and ALL_CAPS
-constants), executes those, and then calls each exercise's check from
-``llama_from_scratch.checks`` with the student's function. Every exercise gets a verdict and a
-reason; a stub, a syntax error, a missing function, an exception, ``sys.exit`` or an endless loop
-inside the student's code all become a failed exercise with a message, never a crashed grader.
+It reads the code cells and sends them to a separate process (``llama_from_scratch.sandbox``,
+isolated with bubblewrap where available), which executes only their *definitions* (imports,
+``def``, ``class`` and ALL_CAPS constants). Each exercise's check runs here, in the grader: it
+draws inputs, sends them to the student's function in that process, gets the outputs back as data
+and compares them with a reference computed here. The student's process never sees an expected
+value, and its exit status, its output and whatever it patches inside itself decide nothing.
 
-Inside a notebook, ``check(my_function)`` runs the same check on one function and prints the
-verdict.
+Every exercise gets a verdict and a reason; a stub, a syntax error, a missing function, an
+exception, ``sys.exit``, ``os._exit``, a crash or an endless loop all become a failed exercise with
+a message (a fresh process grades the exercises after one that killed its process). An answer that
+uses what its exercise forbids (``FORBIDDEN`` in the chapter's checks; always the package itself)
+fails with "uses X, which this exercise asks you to write".
+
+Inside a notebook, ``check(my_function)`` runs the same check in the notebook's own process (the
+learner checking their own work) and prints the verdict.
 """
 
 from __future__ import annotations
@@ -20,25 +27,27 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import io
 import signal
 import sys
 import threading
 import time
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from llama_from_scratch import checks as checks_registry
+from llama_from_scratch.answer_rules import ALWAYS_FORBIDDEN, first_violation
 from llama_from_scratch.notebook_source import cell_source, exercises_in, read_notebook
+from llama_from_scratch.sandbox import (UNSAFE_WARNING, Limits, RemoteObject, Sandbox, StudentCrashed, StudentError,
+                                        StudentTimeout, isolation_mode)
+from llama_from_scratch.sandbox_worker import LoadedNotebook, definitions_of, load_cells, silenced
+from llama_from_scratch.wire import Callback, Construct
 
 DEFAULT_TIMEOUT_S = 60.0
-_KEPT_NODES = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
 
 
 class GradingTimeout(Exception):
-    """Raised inside a check that ran longer than its time limit."""
+    """Raised inside a check (in the grader's process) that ran longer than its time limit."""
 
 
 @dataclass
@@ -54,101 +63,27 @@ class ExerciseResult:
     seconds: float
 
 
-@dataclass
-class LoadedNotebook:
-    """The definitions of a notebook and what went wrong while loading them, per cell."""
-
-    namespace: dict[str, Any]
-    cell_errors: dict[int, str]
-    exercise_cells: dict[str, int]
-    points: dict[str, int]
-
-
-def _is_constant_assignment(node: ast.stmt) -> bool:
-    """``NAME = ...`` or ``NAME: T = ...`` where every target is an ALL_CAPS name."""
-    if isinstance(node, ast.Assign):
-        targets = node.targets
-    elif isinstance(node, ast.AnnAssign) and node.value is not None:
-        targets = [node.target]
-    else:
-        return False
-    return all(isinstance(t, ast.Name) and t.id.isupper() for t in targets)
-
-
-def _strip_ipython(source: str) -> str:
-    """Comment out IPython-only lines (``%magic``, ``!shell``) so the cell parses as Python."""
-    lines = []
-    for line in source.splitlines():
-        lines.append("# " + line if line.lstrip().startswith(("%", "!")) else line)
-    return "\n".join(lines)
+def notebook_cells(nb: dict[str, Any]) -> list[str | None]:
+    """The source of every cell, ``None`` for the non-code ones (indices stay the notebook's)."""
+    return [cell_source(c) if c.get("cell_type") == "code" else None for c in nb.get("cells", [])]
 
 
 def load_definitions(path: str | Path) -> LoadedNotebook:
-    """Execute the definitions of every code cell of a notebook, in order, in one namespace.
+    """Execute a notebook's definitions in THIS process (trusted notebooks only: the solutions, in
+    tests). Grading never does this: it runs them in the student's sandboxed process."""
+    return load_cells(notebook_cells(read_notebook(path)))
 
-    A cell that does not parse, or whose definitions raise when executed (a failing import, say),
-    is recorded in ``cell_errors`` and skipped; the other cells still load.
-    """
-    nb = read_notebook(path)
-    namespace: dict[str, Any] = {"__name__": "__lfs_notebook__"}
-    cell_errors: dict[int, str] = {}
-    for index, cell in enumerate(nb["cells"]):
-        if cell.get("cell_type") != "code":
-            continue
-        source = _strip_ipython(cell_source(cell))
-        filename = f"<cell {index}>"
-        try:
-            tree = ast.parse(source, filename=filename)
-        except SyntaxError as exc:
-            cell_errors[index] = f"syntax error in cell {index}, line {exc.lineno}: {exc.msg}"
-            continue
-        tree.body = [n for n in tree.body if isinstance(n, _KEPT_NODES) or _is_constant_assignment(n)]
-        if not tree.body:
+
+def _parsed_cells(cells: list[str | None]) -> list[ast.Module]:
+    trees = []
+    for index, source in enumerate(cells):
+        if source is None:
             continue
         try:
-            with _silenced():
-                exec(compile(tree, filename, "exec"), namespace)
-        except BaseException as exc:  # noqa: BLE001 - a student's cell may raise anything, even SystemExit
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            cell_errors[index] = f"cell {index} failed while defining its names: {type(exc).__name__}: {exc}"
-    exercises = exercises_in(nb)
-    return LoadedNotebook(
-        namespace=namespace,
-        cell_errors=cell_errors,
-        exercise_cells={e.name: e.cell_index for e in exercises},
-        points={e.name: e.points for e in exercises},
-    )
-
-
-class _Sink(io.TextIOBase):
-    """A text stream that keeps the first ``limit`` characters written to it and drops the rest,
-    so a function printing megabytes in a loop costs neither memory nor a flooded report."""
-
-    def __init__(self, limit: int = 64 * 1024) -> None:
-        super().__init__()
-        self.kept: list[str] = []
-        self.room = limit
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        if self.room > 0:
-            self.kept.append(text[: self.room])
-            self.room -= len(self.kept[-1])
-        return len(text)
-
-    def getvalue(self) -> str:
-        return "".join(self.kept)
-
-
-@contextlib.contextmanager
-def _silenced() -> Iterator[None]:
-    """Swallow what student code prints, so a chatty notebook cannot flood the report."""
-    sink = _Sink()
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        yield
+            trees.append(definitions_of(source, index))
+        except SyntaxError:
+            continue
+    return trees
 
 
 @contextlib.contextmanager
@@ -174,28 +109,38 @@ def _time_limit(seconds: float | None) -> Iterator[None]:
 
 def _explain(exc: BaseException, name: str) -> str:
     """Turn an exception from a check (or the student code it called) into a reason."""
+    where = ""
+    if isinstance(exc, StudentError):
+        where = f" ({exc.where})" if exc.where else ""
+        if exc.forbidden:
+            return f"{exc}{where}"
+        if isinstance(exc, NotImplementedError):
+            return f"not implemented yet: `{name}` still raises NotImplementedError (replace the stub with your code)"
+        if exc.remote_type == "SystemExit":
+            return f"your code called sys.exit({exc.exit_code!r}); return a value instead"
+        if exc.remote_type == "MemoryError":
+            return f"ran out of memory (MemoryError{where}): does it build something far too large?"
+        return f"raised {exc.remote_type}: {exc}{where}"
     if isinstance(exc, NotImplementedError):
         return f"not implemented yet: `{name}` still raises NotImplementedError (replace the stub with your code)"
     if isinstance(exc, AssertionError):
         return str(exc) or "wrong answer (the check gave no details)"
-    if isinstance(exc, GradingTimeout):
+    if isinstance(exc, (GradingTimeout, StudentTimeout)):
         return str(exc)
+    if isinstance(exc, StudentCrashed):
+        return f"{exc}"
     if isinstance(exc, SystemExit):
         return f"your code called sys.exit({exc.code!r}); return a value instead"
-    where = ""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename.startswith("<cell")]
-    if frames:
-        where = f" ({frames[-1].filename[1:-1]}, line {frames[-1].lineno})"
     if isinstance(exc, MemoryError):
-        return f"ran out of memory (MemoryError{where}): does it build something far too large?"
-    return f"raised {type(exc).__name__}: {exc}{where}"
+        return "ran out of memory (MemoryError): does it build something far too large?"
+    return f"raised {type(exc).__name__}: {exc}"
 
 
-def run_check(check_fn: Callable[[Callable], None], student_fn: Callable, name: str,
+def run_check(check_fn: Callable[[Callable], None], student_fn: Any, name: str,
               timeout: float | None = DEFAULT_TIMEOUT_S) -> tuple[bool, str]:
-    """Run one check; returns ``(passed, reason)`` and never lets the student's code escape."""
+    """Run one check; returns ``(passed, reason)`` and never lets an exception escape."""
     try:
-        with _silenced(), _time_limit(timeout):
+        with _time_limit(timeout):
             check_fn(student_fn)
     except KeyboardInterrupt:
         raise
@@ -214,51 +159,140 @@ def chapter_of(path: str | Path) -> str:
     return stem
 
 
-def grade_exercise(loaded: LoadedNotebook, name: str, check_fn: Callable[[Callable], None],
-                   notebook: str = "", points: int | None = None,
-                   timeout: float | None = DEFAULT_TIMEOUT_S) -> ExerciseResult:
-    """Grade one exercise of a loaded notebook. ``points`` overrides what the notebook declares
-    (the batch grader takes the points from the solution notebooks, which a student cannot edit)."""
-    started = time.perf_counter()
-    if points is None:
-        points = loaded.points.get(name, 1)
-    cell = loaded.exercise_cells.get(name)
-    student_fn = loaded.namespace.get(name)
-    if cell is not None and cell in loaded.cell_errors:
-        passed, reason = False, loaded.cell_errors[cell]
-    elif not callable(student_fn):
-        passed = False
-        reason = f"`{name}` is not defined in the notebook (was its cell deleted or the function renamed?)"
-        if loaded.cell_errors:
-            reason += "; problems while loading: " + "; ".join(loaded.cell_errors.values())
-    else:
-        passed, reason = run_check(check_fn, student_fn, name, timeout)
-    return ExerciseResult(notebook, name, passed, reason, points if passed else 0, points,
-                          round(time.perf_counter() - started, 3))
+def grade_cells(cells: list[str | None], exercise_cells: dict[str, int], declared_points: dict[str, int],
+                checks: dict[str, Callable[[Callable], None]], forbidden: dict[str, list[str]] | None = None,
+                notebook: str = "", points: dict[str, int] | None = None,
+                timeout: float = DEFAULT_TIMEOUT_S, limits: Limits | None = None,
+                isolation: str = "auto") -> list[ExerciseResult]:
+    """Grade the exercises ``checks`` names against a notebook's cells, the student's code in a
+    sandboxed process (restarted after an exercise that kills it), every check here."""
+    limits = limits or Limits(timeout=timeout)
+    forbidden = forbidden or {}
+    trees = _parsed_cells(cells)
+    every_rule = sorted({n for names in forbidden.values() for n in names})
+    results: list[ExerciseResult] = []
+    sandbox: Sandbox | None = None
+    load_problem: str | None = None
+    cell_errors: dict[int, str] = {}
+    defined: dict[str, str] = {}
+    try:
+        for name, check_fn in checks.items():
+            started = time.perf_counter()
+            max_points = (points or {}).get(name, declared_points.get(name, 1))
+            reason = None
+            if sandbox is None or not sandbox.alive:
+                if sandbox is not None:
+                    sandbox.close()
+                sandbox, load_problem = Sandbox(limits, isolation), None
+                try:
+                    sandbox.start()
+                    sandbox.new_budget()
+                    cell_errors, defined = sandbox.load(cells, every_rule)
+                except (StudentTimeout, StudentCrashed) as exc:
+                    load_problem = f"the notebook's definitions could not be loaded: {_explain(exc, name)}"
+            cell = exercise_cells.get(name)
+            if load_problem is not None:
+                reason = load_problem
+            elif cell is not None and cell in cell_errors:
+                reason = cell_errors[cell]
+            elif defined.get(name) not in ("callable", "class"):
+                reason = f"`{name}` is not defined in the notebook (was its cell deleted or the function renamed?)"
+                if cell_errors:
+                    reason += "; problems while loading: " + "; ".join(cell_errors.values())
+            else:
+                reason = first_violation(name, trees, forbidden.get(name, []))
+            if reason is None:
+                sandbox.forbidden = list(forbidden.get(name, [])) + list(ALWAYS_FORBIDDEN)
+                sandbox.new_budget()
+                passed, reason = run_check(check_fn, RemoteObject(sandbox, name=name), name,
+                                           timeout=limits.timeout * 4 + limits.startup_timeout)
+            else:
+                passed = False
+            results.append(ExerciseResult(notebook, name, passed, "passed" if passed else reason,
+                                          max_points if passed else 0, max_points,
+                                          round(time.perf_counter() - started, 3)))
+    finally:
+        if sandbox is not None:
+            sandbox.close()
+    return results
 
 
 def grade_notebook(path: str | Path, chapter: str | None = None,
                    checks: dict[str, Callable[[Callable], None]] | None = None,
                    timeout: float | None = DEFAULT_TIMEOUT_S, only: list[str] | None = None,
-                   points: dict[str, int] | None = None) -> list[ExerciseResult]:
+                   points: dict[str, int] | None = None, forbidden: dict[str, list[str]] | None = None,
+                   limits: Limits | None = None, isolation: str = "auto",
+                   notebook: dict[str, Any] | None = None) -> list[ExerciseResult]:
     """Grade every exercise of one notebook against its chapter's checks.
 
     The list of exercises comes from the checks (so deleting an exercise cell fails it rather than
     hiding it); points come from the notebook's ``# EXERCISE name (N points)`` lines unless
-    ``points`` gives them. ``only`` restricts grading to the named exercises.
-    """
+    ``points`` gives them. ``only`` restricts grading to the named exercises. ``notebook``: the
+    already-read notebook (the batch grader reads submissions itself, refusing links)."""
     path = Path(path)
     if checks is None:
-        checks = checks_registry.chapter_checks(chapter or chapter_of(path))
+        chapter = chapter or chapter_of(path)
+        checks = checks_registry.chapter_checks(chapter)
+        if forbidden is None:
+            forbidden = checks_registry.chapter_forbidden(chapter)
     if only:
         unknown = sorted(set(only) - set(checks))
         if unknown:
             raise KeyError(f"no exercise named {', '.join(unknown)} in this chapter's checks "
                            f"(known: {', '.join(checks)})")
         checks = {name: fn for name, fn in checks.items() if name in only}
-    loaded = load_definitions(path)
-    return [grade_exercise(loaded, name, check_fn, str(path), (points or {}).get(name), timeout)
-            for name, check_fn in checks.items()]
+    nb = notebook if notebook is not None else read_notebook(path)
+    exercises = exercises_in(nb)
+    if limits is None:
+        limits = Limits(timeout=timeout or DEFAULT_TIMEOUT_S)
+    return grade_cells(notebook_cells(nb), {e.name: e.cell_index for e in exercises},
+                       {e.name: e.points for e in exercises}, checks, forbidden, str(path), points,
+                       limits.timeout, limits, isolation)
+
+
+class LocalObject:
+    """What a check gets inside a notebook: the learner's own function or object, with the
+    check's ``Construct``/``Callback`` arguments made real, so one check serves both paths."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+        self.__name__ = getattr(target, "__name__", type(target).__name__)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return _local(self._target(*_real(args), **_real(kwargs)))
+
+    def __getattr__(self, attr: str) -> Any:
+        return _local(getattr(self._target, attr))
+
+    def _lfs_value_and_grad(self, args: tuple, kwargs: dict, grad_output: Any) -> Any:
+        from llama_from_scratch.checks.common import local_value_and_grad
+
+        return local_value_and_grad(self._target, tuple(_real(args)), _real(kwargs), grad_output)
+
+
+def _real(value: Any) -> Any:
+    if isinstance(value, Construct):
+        return value.build()
+    if isinstance(value, Callback):
+        return value.fn
+    if isinstance(value, LocalObject):
+        return value._target
+    if isinstance(value, tuple):
+        return tuple(_real(v) for v in value)
+    if isinstance(value, list):
+        return [_real(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _real(v) for k, v in value.items()}
+    return value
+
+
+def _local(value: Any) -> Any:
+    """Data stays as it is; objects (modules, instances, bound methods) get wrapped."""
+    import torch
+
+    data = (type(None), bool, int, float, str, bytes, list, tuple, dict, set, frozenset, torch.Tensor, torch.dtype,
+            torch.Size)
+    return value if isinstance(value, data) else LocalObject(value)
 
 
 def check(fn: Callable, timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
@@ -267,7 +301,8 @@ def check(fn: Callable, timeout: float | None = DEFAULT_TIMEOUT_S) -> None:
     if not isinstance(name, str):
         raise TypeError(f"check() expects the exercise function itself, got {type(fn).__name__}")
     _, check_fn = checks_registry.find_check(name)
-    passed, reason = run_check(check_fn, fn, name, timeout)
+    with silenced():
+        passed, reason = run_check(check_fn, LocalObject(fn), name, timeout)
     if not passed:
         raise AssertionError(f"{name}: {reason}")
     print(f"✓ {name}: passed")
@@ -295,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="grade only this exercise (repeatable)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per exercise")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--isolation", choices=["auto", "sandbox", "unsafe"], default="auto",
+                        help="auto: bubblewrap sandbox where available, else an unsafe plain process "
+                             "(with a warning); sandbox: refuse to grade without bubblewrap")
     from llama_from_scratch import batch_grade
 
     batch_grade.add_arguments(parser)
@@ -305,11 +343,18 @@ def main(argv: list[str] | None = None) -> int:
         return batch_grade.run_batch_cli(args)
     if not args.notebooks:
         parser.error("give the notebooks to grade, or --batch SUBMISSIONS_DIR")
+    try:
+        if isolation_mode(args.isolation) == "unsafe":
+            print(UNSAFE_WARNING, file=sys.stderr)
+    except RuntimeError as exc:
+        print(f"cannot grade: {exc}", file=sys.stderr)
+        return 2
     all_results: list[ExerciseResult] = []
     status = 0
     for nb in args.notebooks:
         try:
-            results = grade_notebook(nb, chapter=args.chapter, timeout=args.timeout, only=args.only)
+            results = grade_notebook(nb, chapter=args.chapter, timeout=args.timeout, only=args.only,
+                                     isolation=args.isolation)
         except (OSError, ValueError, KeyError) as exc:
             print(f"{nb}: cannot grade: {exc}", file=sys.stderr)
             status = 2

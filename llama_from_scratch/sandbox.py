@@ -1,219 +1,647 @@
-"""Grade one notebook in a separate, limited process (used by the batch grader).
+"""The student's process, seen from the grader: start it isolated, send it calls, kill it.
 
-    parent (batch_grade)                          child (python -I -m llama_from_scratch.sandbox)
-    copy the notebook to a fresh temp dir  --->   set rlimits: memory, file size, CPU, no core
-    minimal env, cwd = temp dir                   import the grader and the chapter's checks
-    read stdout/stderr, keep the first N KB       install the audit hook (the guard below)
-    read JSON events on a dedicated pipe   <---   {"event": "start", "exercise": ...}
-    kill the process group on a deadline   <---   {"event": "result", ...} per exercise
+    grader (this process, trusted)                       student's process (untrusted)
+    checks, references, comparisons, verdicts            sandbox_worker.py: the notebook's definitions
+    Sandbox.call(name, args)  ---- data (wire.py) --->   fn(*args)
+                              <--- data or a handle ---  return value / exception / in-place changes
 
-Every exercise is announced before its check runs, so when the child dies (``os._exit``, a
-segfault, the memory limit, a hang the in-process alarm cannot interrupt) the parent knows which
-exercise did it: that one fails with the reason and a fresh child grades the ones after it.
+The student's process never holds an expected value or a verdict, and nothing it sends is more
+than data, so reading the caller's frame, patching ``torch.allclose``, rigged ``__eq__``, forged
+results and exit codes cannot change a grade: a missing, malformed or late answer is a failure.
 
-What the guard is, honestly: a Python audit hook (PEP 578) that refuses, inside the child,
+Isolation. Where bubblewrap (``bwrap``, Debian package ``bubblewrap``) works, the process runs in
+its own user, pid, network, IPC and mount namespaces: no network at all, a read-only system with
+only the Python installation and its libraries visible (not the package's repository, not the
+solutions, not the other submissions, not the report), a private ``/tmp`` of limited size that
+disappears with it, no capabilities, as an unprivileged user where the grader runs as root, with
+rlimits (memory, CPU, file size, processes, open files) whose hard values it cannot raise. When the
+grader kills it, every process it started dies with it (pid namespace).
 
-- opening for reading anything outside the child's temp dir and the read-only places code needs
-  (the Python installation, site-packages, the package and its data, ``/usr``, ``/etc``, ...),
-  and always anything inside the submissions folder, the solutions, or the report's folder;
-- writing, deleting, renaming, ``chmod``, ``mkdir``... anywhere but the temp dir;
-- starting processes (``subprocess``, ``os.system``, ``fork``, ``exec``) and opening sockets.
-
-It stops honest mistakes (a stray ``open("../data.txt", "w")``, an ``rm`` of the wrong folder)
-and casual cheating (reading a classmate's notebook or the solutions). It is NOT a security
-sandbox: code that calls C through ``ctypes``, or that patches the grader from inside the same
-process, can get around it. For untrusted or hostile code run the batch inside a container or VM
-with no network and only the submissions mounted (see docs/INSTRUCTORS.md).
+Where bubblewrap is missing or cannot create namespaces (a student's laptop, some containers),
+grading falls back to a plain child process with the same rlimits and a Python audit hook that
+refuses writes outside its folder, process starts and sockets. That fallback is NOT a security
+boundary (code that calls C through ctypes gets past it); the grader says so on every run, and it
+is not fit for grading other people's code. ``isolation="sandbox"`` refuses to grade without it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import builtins
+import contextlib
+import functools
 import os
+import select
+import shutil
+import signal
+import subprocess
 import sys
-from typing import Any
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
-MAX_REASON_CHARS = 2000
+from llama_from_scratch import wire
 
-# Audit events that change the file system: (event, indexes of the path arguments).
-_WRITE_EVENTS = {
-    "os.remove": (0,), "os.rmdir": (0,), "os.rename": (0, 1), "os.truncate": (0,),
-    "os.chmod": (0,), "os.chown": (0,), "os.mkdir": (0,), "os.link": (0, 1), "os.symlink": (0, 1),
-    "os.utime": (0,), "os.chflags": (0,), "os.lchflags": (0,), "os.lchmod": (0,),
-    "shutil.rmtree": (0,), "shutil.chown": (0,), "os.setxattr": (0,), "os.removexattr": (0,),
-}
-_LIST_EVENTS = {"os.listdir": (0,), "os.scandir": (0,), "glob.glob": (0,), "os.getxattr": (0,)}
-_FORBIDDEN_EVENTS = {
-    "subprocess.Popen": "starting a process", "os.system": "starting a process",
-    "os.exec": "starting a process", "os.posix_spawn": "starting a process",
-    "os.spawn": "starting a process", "os.fork": "forking", "os.forkpty": "forking",
-    "pty.spawn": "starting a process", "socket.connect": "network access", "socket.bind": "network access",
-    "socket.getaddrinfo": "network access",
-}
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_SYSTEM_READ_ROOTS = ("/usr", "/lib", "/lib32", "/lib64", "/etc", "/proc", "/sys", "/dev")
-_DEVICES_WRITABLE = ("/dev/null", "/dev/tty")
+WORKER_FILES = ("sandbox_worker.py", "wire.py")
+UNSAFE_WARNING = ("warning: bubblewrap (bwrap) is not available here, so graded code runs in a plain "
+                  "child process with an audit-hook guard: NOT a sandbox, do not grade other people's "
+                  "code this way (install the Debian/Ubuntu package 'bubblewrap'; see docs/INSTRUCTORS.md)")
+NOBODY = 65534
 
 
-class GuardError(PermissionError):
-    """What the guard raises: a ``PermissionError`` whose message says what was refused."""
+@dataclass
+class Limits:
+    """What one student's process may use."""
+
+    timeout: float = 60.0           # seconds of the student's code per exercise (and to load the notebook)
+    startup_timeout: float = 180.0  # seconds to start Python and import torch in the sandbox
+    memory_mb: int = 8192           # address space (RLIMIT_AS); torch alone maps about 1 GB
+    file_mb: int = 64               # largest file the graded code may write
+    tmp_mb: int = 256               # size of its private /tmp (sandbox only)
+    processes: int = 64             # processes and threads it may have (sandbox only)
+    open_files: int = 256
+    message_mb: int = 1024          # largest answer it may send
+    output_kb: int = 64             # its stderr kept (for diagnostics); the rest is read and dropped
+    grace: float = 5.0
 
 
-def _inside(path: str, roots: tuple[str, ...]) -> bool:
-    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+class StudentError(Exception):
+    """The student's code raised; subclasses also derive from the builtin exception it raised, so a
+    check can ``except ValueError`` a student's ``ValueError``."""
+
+    remote_type = "Exception"
+    where = ""
+    forbidden = False
+    exit_code: Any = None
 
 
-def _real(path: Any) -> str | None:
-    """Absolute, symlink-resolved path of an audit argument; ``None`` for file descriptors."""
-    if path is None or isinstance(path, int):
-        return None
+class StudentTimeout(Exception):
+    """The student's code used up its time; the process was killed."""
+
+
+class StudentCrashed(Exception):
+    """The student's process died (os._exit, a crash, the memory limit) or broke the protocol."""
+
+
+@functools.lru_cache(maxsize=None)
+def _student_error_class(type_name: str) -> type[StudentError]:
+    base = getattr(builtins, type_name, None)
+    if isinstance(base, type) and issubclass(base, Exception) and base not in (Exception,):
+        try:
+            return type(f"Student{type_name}", (StudentError, base), {})
+        except TypeError:  # a builtin that cannot be subclassed together with StudentError
+            pass
+    return StudentError
+
+
+def remote_exception(error: Any) -> StudentError:
+    """The exception to raise in the grader for what the student's code raised."""
+    if not isinstance(error, dict):
+        error = {}
+    type_name = str(error.get("type", "Exception"))[:100]
+    exc = _student_error_class(type_name)(str(error.get("message", ""))[:2000])
+    exc.remote_type = type_name
+    exc.where = str(error.get("where", ""))[:200]
+    exc.forbidden = bool(error.get("forbidden"))
+    exc.exit_code = error.get("exit_code") if isinstance(error.get("exit_code"), (int, str, type(None))) else None
+    return exc
+
+
+# --------------------------------------------------------------------------- isolation
+
+@functools.lru_cache(maxsize=None)
+def bubblewrap_problem() -> str | None:
+    """``None`` if bubblewrap can start a sandbox here, else why not (checked once per process)."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return "bwrap is not installed"
+    cmd = [bwrap, "--unshare-all", *_privilege_drop(), "--die-with-parent", "--ro-bind", "/", "/", "--proc", "/proc",
+           "--dev", "/dev", "true"]
     try:
-        path = os.fsdecode(os.fspath(path))
-    except TypeError:
-        return None
-    return os.path.realpath(path)
+        done = subprocess.run(cmd, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"bwrap failed to run: {exc}"
+    if done.returncode != 0:
+        return f"bwrap cannot create namespaces here: {done.stderr.decode(errors='replace').strip()[:300]}"
+    return None
 
 
-def install_guard(workdir: str, deny: list[str], allow_read: list[str]) -> None:
-    """Install the audit hook. ``workdir`` is read-write; ``deny`` is never readable (it wins over
-    ``allow_read`` but not over ``workdir``); everything else is read-only if under ``allow_read``
-    or the system roots, and refused otherwise."""
-    work = (os.path.realpath(workdir),)
-    denied = tuple(os.path.realpath(p) for p in deny)
-    readable = tuple(os.path.realpath(p) for p in allow_read) + _SYSTEM_READ_ROOTS
-
-    def refuse(what: str, path: str) -> None:
-        raise GuardError(f"the grader refused to {what} {path!r}: graded code may only read and write "
-                         f"files in its own folder")
-
-    def check_read(path: str | None, what: str = "read") -> None:
-        if path is None or _inside(path, work):
-            return
-        if _inside(path, denied) or not _inside(path, readable):
-            refuse(what, path)
-
-    def check_write(path: str | None, what: str) -> None:
-        if path is None or _inside(path, work) or path in _DEVICES_WRITABLE:
-            return
-        refuse(what, path)
-
-    def hook(event: str, args: tuple) -> None:
-        if event == "open":
-            path = _real(args[0])
-            mode = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
-            flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
-            if any(c in mode for c in "wax+") or flags & _WRITE_FLAGS:
-                check_write(path, "write")
-            else:
-                check_read(path)
-        elif event in _WRITE_EVENTS:
-            for i in _WRITE_EVENTS[event]:
-                if i < len(args):
-                    check_write(_real(args[i]), f"modify ({event})")
-        elif event in _LIST_EVENTS:
-            check_read(_real(args[0] if args and args[0] is not None else "."), "list")
-        elif event in _FORBIDDEN_EVENTS:
-            raise GuardError(f"the grader refused {_FORBIDDEN_EVENTS[event]} ({event}) in graded code")
-
-    sys.addaudithook(hook)
+def isolation_mode(requested: str = "auto") -> str:
+    """``"sandbox"`` or ``"unsafe"``; ``requested`` is ``auto``, ``sandbox`` (refuse without
+    bubblewrap) or ``unsafe`` (the plain child process, for a student checking their own work)."""
+    if requested not in ("auto", "sandbox", "unsafe"):
+        raise ValueError(f"isolation must be auto, sandbox or unsafe, not {requested!r}")
+    if requested == "unsafe":
+        return "unsafe"
+    problem = bubblewrap_problem()
+    if problem is None:
+        return "sandbox"
+    if requested == "sandbox":
+        raise RuntimeError(f"cannot grade in a sandbox: {problem} (install the package 'bubblewrap')")
+    return "unsafe"
 
 
-def set_limits(memory_mb: int | None, file_mb: int | None, cpu_s: float | None) -> None:
-    """rlimits of this process: address space, size of any file written, CPU seconds, no core."""
-    import resource
-
-    def limit(which: int, value: int) -> None:
-        soft, hard = resource.getrlimit(which)
-        if hard != resource.RLIM_INFINITY:
-            value = min(value, hard)
-        resource.setrlimit(which, (value, hard))
-
-    limit(resource.RLIMIT_CORE, 0)
-    if memory_mb:
-        limit(resource.RLIMIT_AS, memory_mb * 1024 * 1024)
-    if file_mb:
-        limit(resource.RLIMIT_FSIZE, file_mb * 1024 * 1024)
-    if cpu_s:
-        limit(resource.RLIMIT_CPU, int(cpu_s) + 1)
+def _privilege_drop() -> list[str]:
+    """bubblewrap options that make the graded code an unprivileged user: ``nobody`` in its own user
+    namespace, with no capabilities anywhere (so its rlimits cannot be raised, and a grader running
+    as root hands none of root's powers to it)."""
+    return ["--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY), "--cap-drop", "ALL"]
 
 
-class _Channel:
-    """JSON lines on the dedicated results pipe (never stdout, which the student's code owns)."""
-
-    def __init__(self, fd: int, workdir: str) -> None:
-        self.fd = fd
-        self.workdir = workdir.rstrip("/") + "/"
-
-    def send(self, **event: Any) -> None:
-        if isinstance(event.get("reason"), str):  # the temp folder means nothing to a student
-            event["reason"] = event["reason"].replace(self.workdir, "")[:MAX_REASON_CHARS]
-        data = (json.dumps(event) + "\n").encode()
-        while data:
-            data = data[os.write(self.fd, data):]
+_PIDS_CGROUP_ROOTS = ("/sys/fs/cgroup/pids", "/sys/fs/cgroup")
 
 
-def _child_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m llama_from_scratch.sandbox")
-    parser.add_argument("notebook")
-    parser.add_argument("--chapter", required=True)
-    parser.add_argument("--checks-package", default="llama_from_scratch.checks")
-    parser.add_argument("--python-path", action="append", default=[])
-    parser.add_argument("--exercise", action="append", default=[], help="grade these, in this order")
-    parser.add_argument("--points", default="{}", help="JSON: exercise -> points")
-    parser.add_argument("--timeout", type=float, default=60.0)
-    parser.add_argument("--memory-mb", type=int, default=0)
-    parser.add_argument("--file-mb", type=int, default=0)
-    parser.add_argument("--cpu-s", type=float, default=0)
-    parser.add_argument("--results-fd", type=int, required=True)
-    parser.add_argument("--deny", action="append", default=[])
-    parser.add_argument("--allow-read", action="append", default=[])
-    args = parser.parse_args(argv)
-    channel = _Channel(args.results_fd, os.getcwd())
-    set_limits(args.memory_mb, args.file_mb, args.cpu_s)
-    sys.path[:0] = args.python_path
-
-    import importlib
-
-    import llama_from_scratch
-    from llama_from_scratch import grade
-
-    checks = dict(importlib.import_module(f"{args.checks_package}.{args.chapter}").CHECKS)
-    points = json.loads(args.points)
-    workdir = os.getcwd()
-    package_dir = os.path.dirname(llama_from_scratch.__file__)
-    allow = [sys.prefix, sys.base_prefix, sys.exec_prefix, package_dir,
-             os.path.join(os.path.dirname(package_dir), "data"), *args.allow_read]
-    allow += [p for p in sys.path if p and os.path.isdir(p) and "site-packages" in p]
-    allow += [p for p in args.python_path]
-    channel.send(event="ready")
-    install_guard(workdir, args.deny, allow)
-
-    channel.send(event="load")
-    try:
-        with grade._time_limit(args.timeout):
-            loaded = grade.load_definitions(args.notebook)
-    except grade.GradingTimeout:
-        channel.send(event="load_failed", reason=f"loading the notebook's definitions did not finish "
-                                                 f"within {args.timeout:g} s (a loop at the top level of a cell?)")
-        os._exit(0)
-    except BaseException as exc:  # noqa: BLE001 - an unreadable notebook fails its exercises
-        channel.send(event="load_failed", reason=f"the notebook could not be read: {type(exc).__name__}: {exc}"[:MAX_REASON_CHARS])
-        os._exit(0)
-    channel.send(event="loaded")
-    for name in args.exercise:
-        channel.send(event="start", exercise=name)
-        if name not in checks:
-            channel.send(event="result", exercise=name, passed=False, seconds=0.0,
-                         reason=f"no check named {name!r} for chapter {args.chapter}")
+def _make_pids_cgroup(limit: int) -> str | None:
+    """A cgroup allowing ``limit`` processes/threads, where this process may create one (root in a
+    container, or a delegated cgroup); ``None`` elsewhere. Needed when the grader is root, because
+    RLIMIT_NPROC does not hold for processes of root."""
+    for root in _PIDS_CGROUP_ROOTS:
+        if not os.path.isfile(os.path.join(root, "cgroup.procs")) or not os.access(root, os.W_OK):
             continue
-        r = grade.grade_exercise(loaded, name, checks[name], args.notebook, points.get(name), args.timeout)
-        channel.send(event="result", exercise=name, passed=r.passed, reason=r.reason[:MAX_REASON_CHARS],
-                     seconds=r.seconds)
-    channel.send(event="done")
-    # Leave at once: no atexit handlers or non-daemon threads of the student's code run after this.
-    os._exit(0)
+        if root == "/sys/fs/cgroup" and "pids" not in _read(os.path.join(root, "cgroup.subtree_control")):
+            continue
+        path = os.path.join(root, f"lfs-grade-{os.getpid()}-{time.monotonic_ns()}")
+        try:
+            os.mkdir(path)
+            with open(os.path.join(path, "pids.max"), "w") as f:
+                f.write(str(limit))
+            return path
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+    return None
 
 
-if __name__ == "__main__":
-    _child_main()
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _readable_roots() -> list[str]:
+    """What the student's Python needs to read: the system, the interpreter and its libraries."""
+    roots = {"/usr", "/etc", sys.base_prefix, sys.prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    roots.update(p for p in sys.path if p and "-packages" in p and os.path.isdir(p))
+    for p in ("/opt/conda",):
+        if os.path.isdir(p) and sys.prefix.startswith(p):
+            roots.add(p)
+    # keep only the outermost of nested roots
+    ordered = sorted({os.path.realpath(r) for r in roots if os.path.exists(r)}, key=len)
+    kept: list[str] = []
+    for r in ordered:
+        if not any(r == k or r.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(r)
+    return kept
+
+
+def _hidden_paths(roots: list[str]) -> list[str]:
+    """The package's own folder when it is installed inside a readable root (a wheel install):
+    hidden from graded code, which must not use it."""
+    package_dir = os.path.dirname(os.path.realpath(__file__))
+    hidden = [package_dir]
+    return [p for p in hidden if any(p.startswith(r.rstrip("/") + "/") for r in roots)]
+
+
+def _bwrap_command(lib_dir: str, limits: Limits) -> list[str]:
+    cmd = [shutil.which("bwrap") or "bwrap", "--unshare-all", *_privilege_drop(), "--die-with-parent", "--new-session",
+           "--proc", "/proc", "--dev", "/dev"]
+    for name in ("bin", "lib", "lib32", "lib64", "sbin"):
+        path = f"/{name}"
+        if os.path.islink(path):
+            cmd += ["--symlink", os.readlink(path), path]
+        elif os.path.isdir(path):
+            cmd += ["--ro-bind", path, path]
+    roots = _readable_roots()
+    for root in roots:
+        cmd += ["--ro-bind", root, root]
+    for hidden in _hidden_paths(roots):
+        cmd += ["--tmpfs", hidden]
+    cmd += ["--size", str(limits.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp",
+            "--ro-bind", lib_dir, "/grader", "--chdir", "/tmp"]
+    return cmd
+
+
+def _count_own_processes() -> int:
+    uid = os.getuid()
+    count = 0
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                status = _read(f"/proc/{entry}/status")
+                threads = int(next(l.split()[1] for l in status.splitlines() if l.startswith("Threads:")))
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    count += threads
+            except (OSError, StopIteration, ValueError):
+                continue
+    return count
+
+
+def _set_limits(limits: Limits, cpu_seconds: float, cgroup: str | None, nproc: int | None) -> Callable[[], None]:
+    """rlimits set in the child just before exec, soft = hard, so they cannot be raised; and the
+    child joins its pids cgroup when it has one."""
+
+    def apply() -> None:
+        import resource
+
+        def cap(which: int, value: int) -> None:
+            _, hard = resource.getrlimit(which)
+            if hard != resource.RLIM_INFINITY:
+                value = min(value, hard)
+            resource.setrlimit(which, (value, value))
+
+        os.setsid()
+        if cgroup is not None:
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        cap(resource.RLIMIT_CORE, 0)
+        cap(resource.RLIMIT_AS, limits.memory_mb * 1024 * 1024)
+        cap(resource.RLIMIT_FSIZE, limits.file_mb * 1024 * 1024)
+        cap(resource.RLIMIT_CPU, int(cpu_seconds) + 1)
+        cap(resource.RLIMIT_NOFILE, limits.open_files)
+        if nproc is not None:
+            cap(resource.RLIMIT_NPROC, nproc)
+
+    return apply
+
+
+def _child_env() -> dict[str, str]:
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8",
+           "LC_ALL": "C.UTF-8", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
+           "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MPLBACKEND": "Agg", "MPLCONFIGDIR": "/tmp",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "CUDA_VISIBLE_DEVICES": "", "TQDM_DISABLE": "1"}
+    if "LFS_QUICK" in os.environ:
+        env["LFS_QUICK"] = os.environ["LFS_QUICK"]
+    return env
+
+
+# --------------------------------------------------------------------------- the session
+
+class Sandbox:
+    """One student's process: start it, load a notebook's cells, call what they define, close it.
+
+    Use as a context manager. ``budget`` is the time (s) the student's code may still use in the
+    current exercise; ``new_budget`` resets it. Every call that runs past it kills the process and
+    raises ``StudentTimeout``; a process that dies or sends garbage raises ``StudentCrashed``."""
+
+    def __init__(self, limits: Limits | None = None, isolation: str = "auto") -> None:
+        self.limits = limits or Limits()
+        self.mode = isolation_mode(isolation)
+        self.proc: subprocess.Popen | None = None
+        self.workdir: str | None = None
+        self.budget = self.limits.timeout
+        self.callbacks: list[Callable[..., Any]] = []
+        self.stderr_head = b""
+        self.calls = 0
+        self.forbidden: list[str] = []  # what the exercise being graded forbids (set by the grader)
+
+    # lifecycle
+    def __enter__(self) -> "Sandbox":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def start(self) -> None:
+        self.workdir = tempfile.mkdtemp(prefix="lfs-grade-")
+        lib = os.path.join(self.workdir, "grader")
+        os.mkdir(lib)
+        here = os.path.dirname(os.path.abspath(__file__))
+        for name in WORKER_FILES:
+            shutil.copyfile(os.path.join(here, name), os.path.join(lib, name))
+        os.chmod(self.workdir, 0o755)
+        req_r, req_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        max_bytes = self.limits.message_mb * 1024 * 1024
+        cpu = self.limits.startup_timeout + self.limits.timeout * 200
+        sandboxed = self.mode == "sandbox"
+        python = [sys.executable, "-s", "-B"]
+        if sandboxed:
+            script = "/grader/sandbox_worker.py"
+            cmd = _bwrap_command(lib, self.limits) + python + [script, str(req_r), str(rep_w), str(max_bytes)]
+            cwd = "/"
+        else:
+            scratch = os.path.join(self.workdir, "work")
+            os.mkdir(scratch)
+            script = os.path.join(lib, "sandbox_worker.py")
+            cmd = python + [script, str(req_r), str(rep_w), str(max_bytes), "--guard", scratch]
+            cwd = scratch
+        env = _child_env()
+        if not sandboxed:
+            env.update(HOME=cwd, TMPDIR=cwd, MPLCONFIGDIR=cwd)
+        # The process-count limit: RLIMIT_NPROC counts every process of this user, and does not
+        # hold for root at all, so root uses a pids cgroup where it can make one.
+        self.cgroup = _make_pids_cgroup(self.limits.processes) if os.geteuid() == 0 else None
+        nproc = None if os.geteuid() == 0 else _count_own_processes() + self.limits.processes
+        try:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE, pass_fds=(req_r, rep_w),
+                                         preexec_fn=_set_limits(self.limits, cpu, self.cgroup, nproc))
+        finally:
+            os.close(req_r)
+            os.close(rep_w)
+        self.request_fd, self.reply_fd = req_w, rep_r
+        os.set_blocking(self.proc.stderr.fileno(), False)
+        self.budget = self.limits.startup_timeout
+        header, _ = self._read_message()
+        if header.get("op") != "ready":
+            raise StudentCrashed("the grading process did not start")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self._kill()
+            for fd in (self.request_fd, self.reply_fd):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self.proc = None
+        if self.workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+        if getattr(self, "cgroup", None):
+            for _ in range(50):  # the kernel frees the cgroup once its last process is reaped
+                try:
+                    os.rmdir(self.cgroup)
+                    break
+                except OSError:
+                    time.sleep(0.02)
+            self.cgroup = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _kill(self) -> None:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        self._drain_stderr()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+
+    def _drain_stderr(self) -> None:
+        if self.proc is None or self.proc.stderr is None or self.proc.stderr.closed:
+            return
+        try:
+            while chunk := self.proc.stderr.read(65536):
+                room = self.limits.output_kb * 1024 - len(self.stderr_head)
+                if room > 0:
+                    self.stderr_head += chunk[:room]
+        except (OSError, ValueError, TypeError):
+            pass
+
+    def new_budget(self, seconds: float | None = None) -> None:
+        self.budget = self.limits.timeout if seconds is None else seconds
+
+    # messages
+    def _send(self, header: dict[str, Any], **values: Any) -> None:
+        enc = wire.Encoder(on_object=self._encode_object, on_callback=self._register_callback)
+        header = dict(header)
+        for key, value in values.items():
+            header[key] = enc.encode(value)
+        data = memoryview(wire.pack(header, enc.tensors))
+        try:
+            while data:
+                data = data[os.write(self.request_fd, data):]
+        except (BrokenPipeError, OSError) as exc:
+            raise self._died() from exc
+
+    def _encode_object(self, value: Any) -> Any:
+        if isinstance(value, RemoteObject) and object.__getattribute__(value, "_lfs_sandbox") is self:
+            return {"__handle__": object.__getattribute__(value, "_lfs_handle")}
+        raise wire.WireError(f"a check cannot send a {type(value).__name__} to the student's code")
+
+    def _register_callback(self, cb: wire.Callback) -> int:
+        self.callbacks.append(cb.fn)
+        return len(self.callbacks) - 1
+
+    def _read_exact(self, n: int) -> bytes:
+        chunks, got = [], 0
+        while got < n:
+            started = time.monotonic()
+            ready, _, _ = select.select([self.reply_fd], [], [], max(0.0, min(self.budget, 1.0)))
+            self.budget -= time.monotonic() - started
+            self._drain_stderr()
+            if not ready:
+                if self.budget <= 0:
+                    self._kill()
+                    raise StudentTimeout(f"did not finish within {self.limits.timeout:g} s (an endless loop? "
+                                         "the process was stopped)")
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise self._died()
+                continue
+            chunk = os.read(self.reply_fd, min(n - got, 1 << 20))
+            if not chunk:
+                raise self._died()
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
+
+    def _read_message(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        try:
+            n_head, n_blob = wire.unpack_lengths(self._read_exact(wire.HEADER_SIZE), self.limits.message_mb << 20)
+            return wire.unpack_body(self._read_exact(n_head), self._read_exact(n_blob))
+        except wire.WireError as exc:
+            self._kill()
+            raise StudentCrashed(f"sent an answer the grader cannot read ({exc})") from exc
+
+    def _died(self) -> StudentCrashed:
+        code = None
+        if self.proc is not None:
+            try:
+                code = self.proc.wait(timeout=self.limits.grace)
+            except subprocess.TimeoutExpired:
+                self._kill()
+                code = None
+        self._drain_stderr()
+        return StudentCrashed(_describe_exit(code))
+
+    def request(self, header: dict[str, Any], **values: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Send a request and wait for its answer, serving the student's callbacks meanwhile."""
+        if not self.alive:
+            raise StudentCrashed("the student's process is no longer running")
+        self.calls += 1
+        self._send(header, **values)
+        while True:
+            reply, tensors = self._read_message()
+            if reply.get("op") != "callback":
+                return reply, tensors
+            self._serve_callback(reply, tensors)
+
+    def _serve_callback(self, reply: dict[str, Any], tensors: dict[str, Any]) -> None:
+        key = reply.get("id")
+        if not isinstance(key, int) or not 0 <= key < len(self.callbacks):
+            self._kill()
+            raise StudentCrashed("asked for a callback the grader never gave")
+        dec = wire.Decoder(tensors)
+        try:
+            args, kwargs = dec.decode(reply.get("args", [])), dec.decode(reply.get("kwargs", {"__dict__": []}))
+        except wire.WireError as exc:
+            self._kill()
+            raise StudentCrashed(f"called back the grader with something that is not data ({exc})") from exc
+        if not isinstance(args, list) or not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            self._kill()
+            raise StudentCrashed("called back the grader with malformed arguments")
+        paused = self.budget
+        try:
+            value = self.callbacks[key](*args, **kwargs)
+            answer: dict[str, Any] = {"op": "callback_result", "ok": True}
+            self._send(answer, value=value)
+        except (StudentError, StudentTimeout, StudentCrashed):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bad call of the grader's function is the student's error
+            self._send({"op": "callback_result", "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]})
+        self.budget = paused
+
+    def _answer(self, reply: dict[str, Any], tensors: dict[str, Any], args: list[Any] | None = None) -> Any:
+        op = reply.get("op")
+        if op == "raised":
+            raise remote_exception(reply.get("error"))
+        if op == "error":
+            error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+            raise StudentCrashed(f"the student's process could not take the call: {str(error.get('message'))[:300]}")
+        if op != "returned":
+            self._kill()
+            raise StudentCrashed(f"answered {str(op)[:40]!r} where the grader expected a result")
+        dec = wire.Decoder(tensors, on_handle=lambda key: RemoteObject(self, key))
+        try:
+            value = dec.decode(reply.get("value"))
+            after = dec.decode(reply.get("args_after", {"__dict__": []}))
+        except wire.WireError as exc:
+            self._kill()
+            raise StudentCrashed(f"sent an answer the grader cannot read ({exc})") from exc
+        if args is not None and isinstance(after, dict):
+            _copy_back(args, after)
+        return value
+
+    # the calls checks make (through RemoteObject)
+    def load(self, cells: list[str | None], forbidden: list[str]) -> tuple[dict[int, str], dict[str, str]]:
+        """Execute the notebook's definitions; returns (errors by cell, kind of each defined name)."""
+        reply, _ = self.request({"op": "load", "cells": cells, "forbidden": sorted(set(forbidden))})
+        if reply.get("op") != "loaded":
+            self._kill()
+            raise StudentCrashed("did not load the notebook")
+        errors = reply.get("cell_errors") if isinstance(reply.get("cell_errors"), dict) else {}
+        names = reply.get("names") if isinstance(reply.get("names"), dict) else {}
+        return ({int(k): str(v)[:2000] for k, v in errors.items() if str(k).isdigit()},
+                {str(k): str(v) for k, v in names.items()})
+
+    def call(self, target: dict[str, Any], args: tuple, kwargs: dict, op: str = "call",
+             forbidden: list[str] | None = None, **extra: Any) -> Any:
+        header = dict(target, op=op, forbidden=forbidden or [])
+        arg_list = list(args)
+        reply, tensors = self.request(header, args=arg_list, kwargs=dict(kwargs), **extra)
+        return self._answer(reply, tensors, arg_list)
+
+
+def _copy_back(args: list[Any], after: dict[Any, Any]) -> None:
+    """Apply the student's in-place changes to the grader's own arguments."""
+    import torch
+
+    for i, new in after.items():
+        if not isinstance(i, int) or not 0 <= i < len(args):
+            continue
+        old = args[i]
+        if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
+            if new.shape == old.shape:
+                with torch.no_grad():
+                    old.copy_(new.to(old.dtype))
+        elif isinstance(old, list) and isinstance(new, list):
+            old[:] = new
+        elif isinstance(old, dict) and isinstance(new, dict):
+            for key, value in new.items():
+                if isinstance(old.get(key), torch.Tensor) and isinstance(value, torch.Tensor) \
+                        and old[key].shape == value.shape:
+                    with torch.no_grad():
+                        old[key].copy_(value.to(old[key].dtype))
+                else:
+                    old[key] = value
+            for key in [k for k in old if k not in new]:
+                del old[key]
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "stopped answering"
+    if code < 0:
+        try:
+            sig = signal.Signals(-code)
+        except ValueError:
+            return f"the student's process was killed by signal {-code}"
+        reasons = {signal.SIGSEGV: "crashed the Python interpreter (segmentation fault)",
+                   signal.SIGXCPU: "used up the CPU time limit", signal.SIGXFSZ: "wrote a file larger than the limit",
+                   signal.SIGKILL: "was killed (out of memory?)"}
+        return reasons.get(sig, f"the student's process was killed by {sig.name}")
+    return f"ended the student's process (exit status {code}; os._exit, sys.exit at import, or the memory limit?)"
+
+
+class RemoteObject:
+    """The grader's proxy of a function, class or object living in the student's process.
+
+    Calling it calls the real thing there; reading an attribute fetches it (data comes back as a
+    copy, anything else as another proxy); ``value_and_grad`` in ``checks.common`` runs forward and
+    backward there. Its ``==`` is identity: the grader never compares against the student's objects."""
+
+    __slots__ = ("_lfs_sandbox", "_lfs_handle", "_lfs_name")
+
+    def __init__(self, sandbox: Sandbox, handle: int | None = None, name: str | None = None) -> None:
+        object.__setattr__(self, "_lfs_sandbox", sandbox)
+        object.__setattr__(self, "_lfs_handle", handle)
+        object.__setattr__(self, "_lfs_name", name)
+
+    def _lfs_target(self) -> dict[str, Any]:
+        handle = object.__getattribute__(self, "_lfs_handle")
+        return {"handle": handle} if handle is not None else {"name": object.__getattribute__(self, "_lfs_name")}
+
+    def _lfs_rules(self) -> list[str]:
+        return list(object.__getattribute__(self, "_lfs_sandbox").forbidden)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        sandbox = object.__getattribute__(self, "_lfs_sandbox")
+        return sandbox.call(self._lfs_target(), args, kwargs, forbidden=self._lfs_rules())
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__") and attr.endswith("__"):
+            raise AttributeError(attr)
+        sandbox = object.__getattribute__(self, "_lfs_sandbox")
+        return sandbox.call(dict(self._lfs_target(), attr=attr), (), {}, op="getattr", forbidden=self._lfs_rules())
+
+    def __setattr__(self, attr: str, value: Any) -> None:
+        sandbox = object.__getattribute__(self, "_lfs_sandbox")
+        sandbox.call(dict(self._lfs_target(), attr=attr), (value,), {}, op="setattr", forbidden=self._lfs_rules())
+
+    def _lfs_value_and_grad(self, args: tuple, kwargs: dict, grad_output: Any) -> Any:
+        sandbox = object.__getattribute__(self, "_lfs_sandbox")
+        out = sandbox.call(self._lfs_target(), args, kwargs, op="value_and_grad", forbidden=self._lfs_rules(),
+                           grad_output=grad_output)
+        if not (isinstance(out, tuple) and len(out) == 3 and isinstance(out[1], list) and isinstance(out[2], dict)):
+            raise StudentCrashed("value_and_grad came back malformed")
+        return out
+
+    def __repr__(self) -> str:
+        name = object.__getattribute__(self, "_lfs_name")
+        return f"<{name or 'object'} in the student's process>"
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __bool__(self) -> bool:
+        return True
