@@ -5,9 +5,11 @@
 ``submissions/`` holds one folder per student (the folder name is the student's name) with any
 subset of the chapters' notebooks, named like the exercise notebooks (``ch01_tokenization.ipynb``;
 ``ch01_tokenization (1).ipynb`` or ``ch01-copy.ipynb`` are matched by their ``chNN`` prefix).
-Every notebook is graded in a separate process (see ``llama_from_scratch.sandbox``) with a time
-limit per exercise, a memory limit and capped output, so a notebook that hangs, crashes the
-interpreter or floods its output fails its own exercises and nothing else.
+Every notebook's code runs in its own sandboxed process (see ``llama_from_scratch.sandbox``) with a
+time limit per exercise, a memory limit and capped output, while the checks and verdicts stay in
+this process, so a notebook that hangs, crashes the interpreter, floods its output or tries to
+cheat fails its own exercises and nothing else. Only regular files are read (a symlink, FIFO or
+device in a student's folder is refused with a warning), at most ``--max-student-mb`` per student.
 
 Writes ``report.csv`` (one row per student x exercise), ``report.json`` (the rows, per-student and
 per-chapter sums, per-notebook details and warnings) and ``report_summary.csv`` (one row per
@@ -26,44 +28,18 @@ import json
 import os
 import pkgutil
 import re
-import select
-import shutil
-import signal
-import subprocess
+import stat
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from llama_from_scratch.notebook_source import exercises_in, read_notebook
+from llama_from_scratch.notebook_source import exercises_in, parse_notebook, read_notebook
+from llama_from_scratch.sandbox import Limits
 
 FIELDS = ["student", "chapter", "exercise", "passed", "reason", "points", "max_points", "seconds"]
 _CHAPTER_NUMBER = re.compile(r"^ch(\d+)", re.IGNORECASE)
-_SIGNAL_REASONS = {
-    signal.SIGSEGV: "crashed the Python interpreter (segmentation fault)",
-    signal.SIGBUS: "crashed the Python interpreter (bus error)",
-    signal.SIGABRT: "crashed the Python interpreter (abort)",
-    signal.SIGFPE: "crashed the Python interpreter (floating point exception)",
-    signal.SIGILL: "crashed the Python interpreter (illegal instruction)",
-    signal.SIGXCPU: "used up the CPU time limit",
-    signal.SIGXFSZ: "wrote a file larger than the file size limit",
-    signal.SIGKILL: "was killed (out of memory?)",
-}
-
-
-@dataclass
-class Limits:
-    """What one notebook's grading process may use."""
-
-    timeout: float = 60.0          # seconds per exercise (and for loading the notebook)
-    startup_timeout: float = 180.0  # seconds to start Python and import the grader and the checks
-    memory_mb: int = 4096           # address space (RLIMIT_AS); torch alone maps about 1 GB
-    file_mb: int = 64               # largest file the graded code may write in its temp dir
-    output_kb: int = 64             # stdout+stderr kept per process; the rest is read and dropped
-    grace: float = 5.0              # the parent kills a child this long after an exercise's limit
 
 
 @dataclass
@@ -73,9 +49,9 @@ class Settings:
     checks_package: str = "llama_from_scratch.checks"
     python_path: list[str] = field(default_factory=list)  # where the checks package lives, if not installed
     solutions: Path | None = None
-    deny: list[str] = field(default_factory=list)
-    allow_read: list[str] = field(default_factory=list)
     limits: Limits = field(default_factory=Limits)
+    isolation: str = "auto"          # "sandbox" refuses to grade without bubblewrap
+    max_student_mb: float = 50.0     # notebooks read per student, in all
 
 
 @dataclass
@@ -171,11 +147,18 @@ def find_submissions(root: Path, chapters: list[str], warnings: list[str]) -> tu
             by_number.setdefault(str(int(m[1])), []).append(ch)
     students, submissions = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))):
+        if folder.is_symlink():
+            warnings.append(f"{folder.name}: the student folder is a symbolic link; not graded")
+            continue
         students.append(folder.name)
         found: dict[str, list[Path]] = {}
         notebooks = sorted(p for p in folder.rglob("*.ipynb")
                            if not any(part.startswith(".") for part in p.relative_to(folder).parts))
         for nb in notebooks:
+            problem = _not_a_plain_file(nb, folder)
+            if problem:
+                warnings.append(f"{folder.name}: {nb.relative_to(folder)} {problem}; not graded")
+                continue
             chapter = nb.stem if nb.stem in chapters else None
             m = _CHAPTER_NUMBER.match(nb.stem)
             if chapter is None and m and len(by_number.get(str(int(m[1])), [])) == 1:
@@ -195,204 +178,64 @@ def find_submissions(root: Path, chapters: list[str], warnings: list[str]) -> tu
     return students, submissions
 
 
-# --------------------------------------------------------------------------- one child process
-
-@dataclass
-class _ChildOutcome:
-    results: dict[str, tuple[bool, str, float]]
-    failed_exercise: str | None = None   # the exercise running when the child died or was killed
-    failure: str | None = None           # why it died, or why loading failed
-    failed_phase: str | None = None      # "startup", "load" or "exercise"
-    output_bytes: int = 0
-    output_head: bytes = b""
-
-
-def _child_env(workdir: str) -> dict[str, str]:
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
-           "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "OPENBLAS_NUM_THREADS": "1", "MPLBACKEND": "Agg", "MPLCONFIGDIR": workdir,
-           "CUDA_VISIBLE_DEVICES": ""}
-    for name in ("LFS_QUICK", "LFS_SMOLLM2_GGUF", "SYSTEMROOT"):
-        if name in os.environ:
-            env[name] = os.environ[name]
-    return env
+def _not_a_plain_file(path: Path, folder: Path) -> str | None:
+    """Why ``path`` may not be read as a submission (a link anywhere on its way, not a regular file)."""
+    current = folder
+    for part in path.relative_to(folder).parts:
+        current = current / part
+        if current.is_symlink():
+            return "is (or lies under) a symbolic link"
+    if not stat.S_ISREG(os.lstat(path).st_mode):
+        return "is not a regular file"
+    return None
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def read_submission(path: Path, max_bytes: int) -> bytes:
+    """The bytes of a submitted notebook: a regular file, not followed through a link, at most
+    ``max_bytes`` (a student's folder may hold a link to /dev/zero or to someone else's work)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _describe_exit(code: int | None) -> str:
-    if code is None:
-        return "stopped answering"
-    if code < 0:
-        try:
-            sig = signal.Signals(-code)
-        except ValueError:
-            return f"was killed by signal {-code}"
-        return _SIGNAL_REASONS.get(sig, f"was killed by {sig.name}")
-    return f"ended the Python interpreter (exit status {code}; os._exit or a fatal error?)"
-
-
-def _run_child(notebook: Path, chapter: str, exercises: list[str], points: dict[str, int],
-               settings: Settings) -> _ChildOutcome:
-    limits = settings.limits
-    workdir = tempfile.mkdtemp(prefix="lfs-grade-")
-    copy = Path(workdir) / f"{chapter}.ipynb"
-    shutil.copyfile(notebook, copy)
-    read_fd, write_fd = os.pipe()
-    cpu_s = limits.startup_timeout + (limits.timeout + limits.grace) * (len(exercises) + 1)
-    cmd = [sys.executable, "-I", "-B", "-X", "faulthandler", "-m", "llama_from_scratch.sandbox", str(copy),
-           "--chapter", chapter, "--checks-package", settings.checks_package,
-           "--points", json.dumps(points), "--timeout", str(limits.timeout),
-           "--memory-mb", str(limits.memory_mb), "--file-mb", str(limits.file_mb), "--cpu-s", str(int(cpu_s)),
-           "--results-fd", str(write_fd)]
-    for name in exercises:
-        cmd += ["--exercise", name]
-    for p in settings.python_path:
-        cmd += ["--python-path", str(p)]
-    for p in settings.deny:
-        cmd += ["--deny", str(p)]
-    for p in settings.allow_read:
-        cmd += ["--allow-read", str(p)]
-    outcome = _ChildOutcome(results={})
-    head = bytearray()
-    total = [0]
-    cap = limits.output_kb * 1024
-
-    try:
-        proc = subprocess.Popen(cmd, cwd=workdir, env=_child_env(workdir), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
-                                start_new_session=True)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("is not a regular file")
+        data = b""
+        while len(data) <= max_bytes:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return data
+            data += chunk
+        raise ValueError(f"is larger than {max_bytes // (1 << 20)} MB")
     finally:
-        os.close(write_fd)
-
-    def drain() -> None:  # read all output, keep the first `cap` bytes
-        assert proc.stdout is not None
-        while chunk := proc.stdout.read1(65536):
-            total[0] += len(chunk)
-            if len(head) < cap:
-                head.extend(chunk[: cap - len(head)])
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    phase, current = "startup", None
-    deadline = time.monotonic() + limits.startup_timeout
-    started_at = time.monotonic()
-    buffer = b""
-    finished = False
-    try:
-        while not finished:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                _kill_group(proc)
-                if phase == "startup":
-                    why = f"the grader did not start within {limits.startup_timeout:g} s"
-                elif phase == "load":
-                    why = f"loading the notebook's definitions did not finish within {limits.timeout:g} s"
-                else:
-                    why = (f"did not finish within {limits.timeout:g} s (an endless loop? the grading "
-                           "process was stopped)")
-                outcome.failure, outcome.failed_phase, outcome.failed_exercise = why, phase, current
-                outcome.results.pop(current or "", None)
-                break
-            ready, _, _ = select.select([read_fd], [], [], min(left, 1.0))
-            if not ready:
-                continue
-            chunk = os.read(read_fd, 65536)
-            if not chunk:  # the child closed the channel: it ended or died
-                try:
-                    code = proc.wait(timeout=limits.grace)
-                except subprocess.TimeoutExpired:
-                    _kill_group(proc)
-                    code = None
-                outcome.failure = _describe_exit(code)
-                if phase == "startup":
-                    tail = bytes(head[-1500:]).decode("utf-8", "replace").strip()
-                    outcome.failure = f"the grader could not start ({outcome.failure}): {tail}"
-                outcome.failed_phase, outcome.failed_exercise = phase, current
-                break
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            if len(buffer) > 1 << 20:  # a megabyte without a newline is not from the grader
-                buffer = b""
-            for line in lines:
-                try:
-                    event = json.loads(line)
-                    kind = event["event"]
-                except (ValueError, KeyError, TypeError):
-                    continue  # not from the grader: ignore
-                now = time.monotonic()
-                if kind == "ready":
-                    phase, deadline = "guard", now + limits.timeout + limits.grace
-                elif kind == "load":
-                    phase, deadline = "load", now + limits.timeout + limits.grace
-                elif kind == "loaded":
-                    phase, deadline = "between", now + limits.timeout + limits.grace
-                elif kind == "load_failed":
-                    outcome.failure, outcome.failed_phase = str(event.get("reason")), "load"
-                    finished = True
-                    break
-                elif kind == "start" and event.get("exercise") in exercises:
-                    phase, current = "exercise", event["exercise"]
-                    started_at, deadline = now, now + limits.timeout + limits.grace
-                elif kind == "result" and event.get("exercise") == current:
-                    outcome.results[current] = (bool(event.get("passed")), str(event.get("reason", ""))[:2000],
-                                                float(event.get("seconds", now - started_at)))
-                    phase, current, deadline = "between", None, now + limits.timeout + limits.grace
-                elif kind == "done":
-                    finished = True
-                    break
-        if outcome.failed_exercise is not None:
-            outcome.results[outcome.failed_exercise] = (False, outcome.failure or "failed",
-                                                        round(time.monotonic() - started_at, 3))
-    finally:
-        _kill_group(proc)  # also ends anything the graded code left running
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        os.close(read_fd)
-        reader.join(timeout=5)
-        if proc.stdout:
-            proc.stdout.close()
-        shutil.rmtree(workdir, ignore_errors=True)
-    outcome.output_bytes, outcome.output_head = total[0], bytes(head)
-    return outcome
+        os.close(fd)
 
 
 def grade_submission(sub: Submission, exercises: list[str], points: dict[str, int],
-                     settings: Settings) -> tuple[list[Row], NotebookLog]:
-    """Grade one notebook, restarting a fresh process after an exercise that killed one."""
+                     settings: Settings, budget: list[int] | None = None) -> tuple[list[Row], NotebookLog]:
+    """Grade one notebook: its code in a sandboxed process, the checks here. ``budget``: bytes the
+    student may still submit (shared by their notebooks)."""
+    from llama_from_scratch.grade import grade_notebook
+
     log = NotebookLog(sub.student, sub.chapter, str(sub.path))
-    results: dict[str, tuple[bool, str, float]] = {}
-    remaining = list(exercises)
-    while remaining:
-        outcome = _run_child(sub.path, sub.chapter, remaining, points, settings)
-        log.processes += 1
-        log.output_bytes += outcome.output_bytes
-        if len(log.output_head) < 2000:
-            log.output_head += outcome.output_head.decode("utf-8", "replace")[: 2000 - len(log.output_head)]
-        results.update(outcome.results)
-        remaining = [e for e in remaining if e not in results]
-        if not remaining:
-            break
-        if outcome.failed_phase == "exercise":
-            continue  # the exercise that killed the process is failed; grade the rest afresh
-        why = outcome.failure or "the grading process ended without grading this exercise"
-        if outcome.failed_phase in ("load", "guard", "between"):
-            why = f"the notebook could not be graded: {why}"
-        for e in remaining:
-            results[e] = (False, why, 0.0)
-        break
-    rows = []
-    for e in exercises:
-        passed, reason, seconds = results[e]
-        rows.append(Row(sub.student, sub.chapter, e, passed, "passed" if passed else reason,
-                        points[e] if passed else 0, points[e], round(seconds, 3)))
+    undo = _with_path(settings.python_path)
+    try:
+        module = importlib.import_module(f"{settings.checks_package}.{sub.chapter}")
+        checks = {e: module.CHECKS[e] for e in exercises}
+        forbidden = {k: list(v) for k, v in getattr(module, "FORBIDDEN", {}).items()}
+    finally:
+        undo()
+    try:
+        left = budget[0] if budget else int(settings.max_student_mb * (1 << 20))
+        data = read_submission(sub.path, left)
+        if budget:
+            budget[0] -= len(data)
+        nb = parse_notebook(data, sub.path.name)
+    except (OSError, ValueError) as exc:
+        why = f"the notebook could not be read: {sub.path.name} {exc}"
+        return [Row(sub.student, sub.chapter, e, False, why, 0, points[e], 0.0) for e in exercises], log
+    results = grade_notebook(sub.path, checks=checks, forbidden=forbidden, points=points, limits=settings.limits,
+                             isolation=settings.isolation, notebook=nb)
+    log.processes = 1
+    rows = [Row(sub.student, sub.chapter, r.exercise, r.passed, r.reason, r.points, r.max_points, r.seconds)
+            for r in results]
     return rows, log
 
 
@@ -535,17 +378,15 @@ def grade_batch(root: Path, settings: Settings | None = None, jobs: int | None =
     students, submissions = find_submissions(root, known, warnings)
     expected = sorted(chapters or {s.chapter for s in submissions})
     submissions = [s for s in submissions if s.chapter in expected]
-    deny = [str(root), *settings.deny]
-    if settings.solutions is not None:
-        deny.append(str(Path(settings.solutions).resolve()))
     settings = Settings(settings.checks_package, [str(Path(p).resolve()) for p in settings.python_path],
-                        settings.solutions, deny, settings.allow_read, settings.limits)
+                        settings.solutions, settings.limits, settings.isolation, settings.max_student_mb)
     names = {ch: exercise_names(ch, settings) for ch in expected}
     points: dict[tuple[str, str], dict[str, int]] = {}
     for ch in expected:
         from_solution = solution_points(ch, settings)
         if from_solution is None:
-            warnings.append(f"{ch}: no solution notebook in {settings.solutions}; points taken from each "
+            where = f"in {settings.solutions}" if settings.solutions else "(no --solutions folder given)"
+            warnings.append(f"{ch}: no solution notebook {where}; points taken from each "
                             "student's own notebook (which the student could edit)")
         for s in students:
             sub = next((x for x in submissions if x.student == s and x.chapter == ch), None)
@@ -567,9 +408,10 @@ def grade_batch(root: Path, settings: Settings | None = None, jobs: int | None =
                              points[s, ch][e], 0.0) for e in names[ch]]
     jobs = max(1, jobs or _cores())
     done = 0
+    budgets = {s: [int(settings.max_student_mb * (1 << 20))] for s in students}
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = {pool.submit(grade_submission, sub, names[sub.chapter], points[sub.student, sub.chapter],
-                               settings): sub for sub in submissions}
+                               settings, budgets[sub.student]): sub for sub in submissions}
         for future in concurrent.futures.as_completed(futures):
             sub = futures[future]
             try:
@@ -592,9 +434,11 @@ def grade_batch(root: Path, settings: Settings | None = None, jobs: int | None =
     for log in logs:
         log.notebook = os.path.relpath(log.notebook, root)
     lim = settings.limits
+    from llama_from_scratch.sandbox import isolation_mode
+
     info = {"submissions": str(root), "jobs": jobs, "checks_package": settings.checks_package,
             "solutions": str(settings.solutions) if settings.solutions else None,
-            "limits": asdict(lim)}
+            "isolation": isolation_mode(settings.isolation), "limits": asdict(lim)}
     return BatchReport(rows, students, expected, logs, warnings, time.perf_counter() - started, info)
 
 
@@ -618,8 +462,8 @@ def add_arguments(parser: Any) -> None:
                    help="package holding the chNN_<topic> check modules (e.g. private instructor checks)")
     g.add_argument("--checks-path", action="append", default=[], metavar="DIR",
                    help="folder to import the checks package from (if not installed)")
-    g.add_argument("--allow-read", action="append", default=[], metavar="PATH",
-                   help="extra path graded code may read (data files); repeatable")
+    g.add_argument("--max-student-mb", type=float, default=Settings.max_student_mb,
+                   help="notebook bytes read per student, in all (MB)")
 
 
 def run_batch_cli(args: Any) -> int:
@@ -630,10 +474,17 @@ def run_batch_cli(args: Any) -> int:
         return 2
     settings = Settings(checks_package=args.checks_package, python_path=list(args.checks_path),
                         solutions=(args.solutions.resolve() if args.solutions else default_solutions_dir()),
-                        deny=[str(p.resolve()) for p in report_paths(args.out)],
-                        allow_read=list(args.allow_read),
                         limits=Limits(timeout=args.timeout, startup_timeout=args.startup_timeout,
-                                      memory_mb=args.memory_mb, output_kb=args.output_kb))
+                                      memory_mb=args.memory_mb, output_kb=args.output_kb),
+                        isolation=args.isolation, max_student_mb=args.max_student_mb)
+    from llama_from_scratch.sandbox import UNSAFE_WARNING, isolation_mode
+
+    try:
+        if isolation_mode(args.isolation) == "unsafe":
+            print(UNSAFE_WARNING, file=sys.stderr)
+    except RuntimeError as exc:
+        print(f"cannot grade {root}: {exc}", file=sys.stderr)
+        return 2
     chapters = [c.strip() for c in args.chapters.split(",") if c.strip()] if args.chapters else None
     try:
         report = grade_batch(root, settings, args.jobs, chapters,

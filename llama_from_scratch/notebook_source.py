@@ -32,13 +32,27 @@ def read_notebook(path: str | Path) -> dict[str, Any]:
     """Load a notebook's JSON; ``ValueError`` with the reason if it is not a readable notebook."""
     path = Path(path)
     try:
-        nb = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
     except FileNotFoundError:
         raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
         raise ValueError(f"{path} is not a readable notebook: {exc}") from exc
+    return parse_notebook(data, str(path))
+
+
+def parse_notebook(data: bytes, name: str) -> dict[str, Any]:
+    """A notebook from its bytes; ``ValueError`` if they are not a Jupyter notebook whose cells
+    have string (or list of strings) sources."""
+    try:
+        nb = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{name} is not a readable notebook: {exc}") from exc
     if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
-        raise ValueError(f"{path} is not a Jupyter notebook (no 'cells' list)")
+        raise ValueError(f"{name} is not a Jupyter notebook (no 'cells' list)")
+    for index, cell in enumerate(nb["cells"]):
+        source = cell.get("source", "") if isinstance(cell, dict) else None
+        if not isinstance(source, str) and not (isinstance(source, list) and all(isinstance(s, str) for s in source)):
+            raise ValueError(f"{name}: cell {index} is not a notebook cell with a text source")
     return nb
 
 
