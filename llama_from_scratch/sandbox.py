@@ -578,6 +578,8 @@ def _copy_back(args: list[Any], after: dict[Any, Any]) -> None:
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "stopped answering"
+    if code > 128 and code - 128 in {int(sig) for sig in signal.Signals}:
+        code = 128 - code  # bubblewrap reports a child killed by signal N as 128 + N
     if code < 0:
         try:
             sig = signal.Signals(-code)
