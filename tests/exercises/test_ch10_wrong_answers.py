@@ -1,0 +1,149 @@
+"""Chapter 10's checks reject the stubs and plausible wrong answers, and accept the solutions and
+correct answers written differently.
+
+Each wrong answer is the solution with one line changed (the mistake a learner would make); the
+checks get the answer as the notebook's ``check`` gives it (``LocalObject``, which builds the
+``Construct`` arguments here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llama_from_scratch.checks.ch10_lora import CHECKS
+from llama_from_scratch.grade import LocalObject
+from llama_from_scratch.notebook_source import EXERCISE_MARKER, cell_source, read_notebook, replace_solutions
+
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOK = read_notebook(REPO / "solutions" / "ch10_lora.ipynb")
+FAILS = (AssertionError, NotImplementedError)
+CELLS = [cell_source(c) for c in NOTEBOOK["cells"] if c["cell_type"] == "code"]
+IMPORTS = CELLS[0]
+EXERCISES = {m["name"]: src for src in CELLS for m in [EXERCISE_MARKER.search(src)] if m}
+
+
+def namespace(name: str | None = None, old: str = "", new: str = "", stub: bool = False) -> dict:
+    """The notebook's definitions, with exercise ``name``'s source changed (``old`` -> ``new``) or stubbed."""
+    ns: dict = {}
+    exec(IMPORTS, ns)
+    for exercise, source in EXERCISES.items():
+        if exercise == name:
+            if stub:
+                source = replace_solutions(source)
+            else:
+                assert old in source, f"{old!r} is not in the solution of {name}"
+                source = source.replace(old, new)
+        exec(source, ns)
+    return ns
+
+
+def run(name: str, ns: dict) -> None:
+    CHECKS[name](LocalObject(ns[name]))
+
+
+def fails(name: str, old: str, new: str) -> None:
+    with pytest.raises(FAILS):
+        run(name, namespace(name, old, new))
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_solution_passes(name):
+    run(name, namespace())
+
+
+@pytest.mark.parametrize("name", list(CHECKS))
+def test_stub_fails(name):
+    with pytest.raises(FAILS):
+        run(name, namespace(name, stub=True))
+
+
+# ----- LoRALinear ---------------------------------------------------------------------------------
+
+LORA_WRONG = {
+    "B random at init": ("nn.init.zeros_(self.lora_B.weight)", "pass"),
+    "rsLoRA ignored": ("alpha / math.sqrt(r) if use_rslora else alpha / r", "alpha / r"),
+    "scaling upside down": ("alpha / math.sqrt(r) if use_rslora else alpha / r",
+                            "math.sqrt(r) / alpha if use_rslora else r / alpha"),
+    "dropout on the base input too": ("result = self.base_layer(x)", "result = self.base_layer(self.lora_dropout(x))"),
+    "bfloat16 adapters for a bfloat16 base": (
+        "if dtype in (torch.float16, torch.bfloat16) or not dtype.is_floating_point:",
+        "if not dtype.is_floating_point:"),
+    "base not frozen": ("self.base_layer = base_layer.requires_grad_(False)", "self.base_layer = base_layer"),
+    "merge twice adds twice": ("        if not self.merged:\n            self.base_layer.weight +=",
+                               "        if True:\n            self.base_layer.weight +="),
+    "merged layer still adds the branch": ("        if self.merged:\n            return result\n", ""),
+    "unmerge adds instead of subtracting": ("weight -= self.get_delta_weight()", "weight += self.get_delta_weight()"),
+}
+
+
+@pytest.mark.parametrize("wrong", list(LORA_WRONG))
+def test_lora_linear_wrong(wrong):
+    fails("LoRALinear", *LORA_WRONG[wrong])
+
+
+def test_lora_linear_other_order_passes():
+    # scaling folded into A's output, products through the weights rather than the modules
+    run("LoRALinear", namespace(
+        "LoRALinear",
+        "branch = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))\n"
+        "        return (result + branch * self.scaling).to(result.dtype)",
+        "h = self.lora_dropout(x.to(self.lora_A.weight.dtype)) @ self.lora_A.weight.T\n"
+        "        return (result + (h * self.scaling) @ self.lora_B.weight.T).to(result.dtype)"))
+
+
+# ----- apply_lora ---------------------------------------------------------------------------------
+
+APPLY_WRONG = {
+    "substring match": ("any(n == t or n.endswith(\".\" + t) for t in target_modules)",
+                        "any(t in n for t in target_modules)"),
+    "endswith without the dot": ("any(n == t or n.endswith(\".\" + t) for t in target_modules)",
+                                 "any(n.endswith(t) for t in target_modules)"),
+    "regex searched, not fully matched": ("re.fullmatch(target_modules, n)", "re.search(target_modules, n)"),
+    "all-linear adapts the output layer": (" and m is not output]", "]"),
+    "rank_pattern ignored": ("pattern_value(rank_pattern, name, r)", "r"),
+    "patterns matched against the whole name": ("re.match(rf\"(.*\\.)?({key})$\", name)", "re.fullmatch(key, name)"),
+    "rest of the model not frozen": ("    model.requires_grad_(False)\n", ""),
+    "non-linear targets skipped silently": (
+        "raise ValueError(f\"target {name!r} is a {type(module).__name__}, not a linear layer\")", "continue"),
+}
+
+
+@pytest.mark.parametrize("wrong", list(APPLY_WRONG))
+def test_apply_lora_wrong(wrong):
+    fails("apply_lora", *APPLY_WRONG[wrong])
+
+
+def test_apply_lora_other_matching_passes():
+    # list matching with a regular expression anchored at a dot (or the start) instead of endswith
+    run("apply_lora", namespace(
+        "apply_lora", "any(n == t or n.endswith(\".\" + t) for t in target_modules)",
+        "any(re.search(r\"(^|\\.)\" + re.escape(t) + \"$\", n) for t in target_modules)"))
+
+
+# ----- DoRALinear ---------------------------------------------------------------------------------
+
+DORA_WRONG = {
+    "norm not detached": ("self.get_delta_weight().detach(), dim=1).detach()", "self.get_delta_weight(), dim=1)"),
+    "magnitude from column norms": ("torch.linalg.norm(self.base_layer.weight, dim=1)",
+                                    "torch.linalg.norm(self.base_layer.weight, dim=0)"),
+    "bias kept in the base term": (
+        "base = result if self.base_layer.bias is None else result - self.base_layer.bias", "base = result"),
+    "norm of W alone": ("torch.linalg.norm(weight + self.get_delta_weight().detach(), dim=1)",
+                        "torch.linalg.norm(weight, dim=1)"),
+    "merge forgets the magnitude": ("weight.copy_((self.lora_magnitude_vector / self.norm)[:, None] * (weight + delta))",
+                                    "weight.copy_(weight + delta)"),
+    "dropout ignored": ("if isinstance(self.lora_dropout, nn.Identity) or not self.training:", "if True:"),
+}
+
+
+@pytest.mark.parametrize("wrong", list(DORA_WRONG))
+def test_dora_linear_wrong(wrong):
+    fails("DoRALinear", *DORA_WRONG[wrong])
+
+
+def test_dora_linear_other_norm_passes():
+    # the row norm as the square root of a sum of squares
+    run("DoRALinear", namespace(
+        "DoRALinear", "norm = torch.linalg.norm(weight + self.get_delta_weight().detach(), dim=1).detach()",
+        "norm = (weight + self.get_delta_weight()).detach().pow(2).sum(dim=1).sqrt()"))
