@@ -1,154 +1,303 @@
-"""Checks of chapter 2's exercises: log-sum-exp, cross-entropy, ignore_index, label smoothing, gradient.
+"""Checks of chapter 2's exercises: the streaming log-sum-exp update, the loss of packed sequences,
+distillation against a teacher, and a vocabulary-chunked cross-entropy as a
+``torch.autograd.Function``.
 
-Each check draws fresh random inputs (including logits of magnitude 1e4, where a formula without
-the max subtraction overflows, and ignored targets), compares the student's function with torch,
-and raises ``AssertionError`` saying what input was used, what was expected and what came back.
+Every check draws fresh inputs, among them logits large enough that ``exp`` overflows in float32
+(hundreds to 1e4) and rows that are entirely ``-inf``, and compares in the grader's process with
+torch: ``torch.logsumexp``, ``F.cross_entropy`` (with ``ignore_index`` and ``label_smoothing``),
+``F.kl_div`` with ``F.log_softmax``, and autograd's gradients of those references (in float64).
+Failure messages give shapes, the first index that differs and the size of the difference, never
+the expected values.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
+from llama_from_scratch.checks.common import (as_tensor, assert_close, assert_equal, fresh_generator,
+                                              value_and_grad)
 
-OVERFLOW_HINT = ("Did you subtract the maximum of each row before exp? exp(1e4) overflows to inf "
-                 "in float32.")
+_SOFTMAX_FAMILY = [
+    "torch.nn.functional.cross_entropy", "torch.nn.functional.nll_loss", "torch.nn.functional.log_softmax",
+    "torch.nn.functional.softmax", "torch.nn.functional.kl_div", "torch.kl_div", "torch.logsumexp",
+    "torch.Tensor.logsumexp", "torch.special.logsumexp", "torch.log_softmax", "torch.softmax",
+    "torch.Tensor.log_softmax", "torch.Tensor.softmax", "torch.special.log_softmax", "torch.special.softmax",
+]
+FORBIDDEN = {
+    "logsumexp_update": _SOFTMAX_FAMILY,
+    "packed_lm_loss": _SOFTMAX_FAMILY,
+    "distillation_loss": _SOFTMAX_FAMILY,
+    "ChunkedCrossEntropy": _SOFTMAX_FAMILY + [
+        "torch.autograd.grad", "torch.autograd.backward", "torch.Tensor.backward", "torch.func.vjp",
+        "torch.func.grad", "torch.func.grad_and_value", "torch.autograd.functional.vjp"],
+}
 
-
-def _generator() -> torch.Generator:
-    """A generator seeded fresh at every grading run, so memorised answers cannot pass."""
-    return torch.Generator().manual_seed(random.SystemRandom().randrange(2 ** 31))
-
-
-def _cases(g: torch.Generator, batch: bool = False) -> list[tuple[str, torch.Tensor]]:
-    """Logits to test with: small and large vocabularies, ordinary and huge magnitudes."""
-    shapes = [(1, 2), (3, 5), (16, 257), (4, 1000)]
-    scales = [1.0, 5.0, 1e4]
-    out = []
-    for shape in shapes:
-        for scale in scales:
-            n = int(torch.randint(1, 4, (1,), generator=g)) if batch else None
-            full = (n,) + shape if n else shape
-            out.append((f"logits of shape {full} and magnitude ~{scale:g}", torch.randn(full, generator=g) * scale))
-    return out
+_OVERFLOW = "Subtract the row maximum before exp: exp(100) is already inf in float32."
 
 
-def _as_tensor(value, what: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise AssertionError(f"{what}: expected a torch.Tensor, got {type(value).__name__}")
-    return value
+def _rng(g: torch.Generator) -> random.Random:
+    return random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=g)))
 
 
-def _compare(got, expected: torch.Tensor, what: str, hint: str = "") -> None:
-    """assert_close with a message a student can act on."""
-    got = _as_tensor(got, what)
-    if got.shape != expected.shape:
-        raise AssertionError(f"{what}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}")
-    got = got.detach().to(expected.dtype)
-    if not torch.isfinite(got).all() and torch.isfinite(expected).all():
-        raise AssertionError(f"{what}: your result contains inf or nan ({got.flatten()[:4].tolist()}...), "
-                             f"expected finite values. {OVERFLOW_HINT}")
+# --------------------------------------------------------------------------- logsumexp_update
+
+def check_logsumexp_update(fn: Callable) -> None:
+    """``fn(m, s, chunk) -> (m, s)``: the running maximum and the running sum of ``exp(x - m)``."""
+    g = fresh_generator()
+    rng = _rng(g)
+    for case in range(8):
+        n = rng.choice([1, 3, 6])
+        widths = [rng.randint(1, 7) for _ in range(rng.randint(1, 5))]
+        scale = [1.0, 10.0, 1e4][case % 3]
+        chunks = [torch.randn(n, w, generator=g) * scale for w in widths]
+        # some rows start with chunks that are entirely -inf (masked vocabulary); one row may stay -inf
+        for row in range(n):
+            if rng.random() < 0.4:
+                for c in range(rng.randint(1, len(widths))):
+                    chunks[c][row] = float("-inf")
+        if case % 4 == 3 and len(widths) > 1:
+            chunks[-1][0, 0] = chunks[-1][0].max() + 100.0 * scale     # a new maximum arrives late
+        m = torch.full((n,), float("-inf"))
+        s = torch.zeros(n)
+        seen = torch.empty(n, 0, dtype=torch.float64)
+        for step, chunk in enumerate(chunks):
+            seen = torch.cat([seen, chunk.double()], dim=1)
+            expected_m = seen.amax(dim=1)
+            shift = torch.where(torch.isfinite(expected_m), expected_m, torch.zeros_like(expected_m))
+            expected_s = torch.exp(seen - shift[:, None]).sum(dim=1)
+            what = f"logsumexp_update, chunk {step + 1} of widths {widths} (rows of {n}, magnitude ~{scale:g})"
+            out = fn(m.clone(), s.clone(), chunk.clone())
+            if not (isinstance(out, (tuple, list)) and len(out) == 2):
+                raise AssertionError(f"{what}: expected a tuple (m, s), got {type(out).__name__}")
+            new_m, new_s = as_tensor(out[0], what + ", m"), as_tensor(out[1], what + ", s")
+            assert_equal(new_m, expected_m.float(), what + ": m",
+                         "m is the largest value seen so far in each row (-inf while a row has seen only -inf)")
+            assert_close(new_s, expected_s, what + ": s", rtol=2e-5, atol=1e-30,
+                         hint="s is the sum of exp(x - m) over every value seen so far, with the new m: rescale the "
+                              "old sum by exp(old m - new m). A row that has seen only -inf has s = 0, not nan.")
+            m, s = new_m.float(), new_s.float()
+        lse = m + torch.log(s)
+        assert_close(lse, torch.logsumexp(torch.cat(chunks, dim=1), dim=1),
+                     f"m + log(s) after all chunks of widths {widths}", rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- packed_lm_loss
+
+def _packed_segments(rng: random.Random) -> torch.Tensor:
+    """segment_ids [B, T]: documents numbered 1, 2, ... in every row, then padding 0."""
+    b, t = rng.randint(1, 3), rng.randint(1, 14)
+    segments = torch.zeros(b, t, dtype=torch.long)
+    for row in range(b):
+        pos, doc = 0, 1
+        end = t - (rng.randint(0, 3) if rng.random() < 0.5 else 0)
+        while pos < end:
+            length = rng.choice([1, 1, 2, 3, 4, 6])
+            segments[row, pos:min(end, pos + length)] = doc
+            pos += length
+            doc += 1
+    return segments
+
+
+def _packed_reference(logits: torch.Tensor, ids: torch.Tensor, segments: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Labels built position by position, then F.cross_entropy (float64); one document = one run
+    of a segment id in one row."""
+    b, t, v = logits.shape
+    labels = torch.full((b, t), -100, dtype=torch.long)
+    for row in range(b):
+        for pos in range(t - 1):
+            if segments[row, pos] != 0 and segments[row, pos + 1] == segments[row, pos]:
+                labels[row, pos] = ids[row, pos + 1]
+    flat = logits.double().reshape(-1, v)
+    if reduction == "token":
+        return F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100)
+    per_token = F.cross_entropy(flat, labels.reshape(-1), ignore_index=-100, reduction="none").reshape(b, t)
+    means = []
+    for row in range(b):
+        for doc in segments[row].unique().tolist():
+            mask = (segments[row] == doc) & (labels[row] != -100) & (doc != 0)
+            if mask.any():
+                means.append(per_token[row][mask].mean())
+    return torch.stack(means).mean() if means else torch.tensor(float("nan"), dtype=torch.float64)
+
+
+def check_packed_lm_loss(fn: Callable) -> None:
+    """``fn(logits [B, T, V], input_ids, segment_ids, reduction)``: next-token loss of packed documents."""
+    g = fresh_generator()
+    rng = _rng(g)
+    hint = ("Position t predicts input_ids[t + 1], and only inside one document: segment_ids[t + 1] == "
+            "segment_ids[t] != 0. 'token' averages over those predictions; 'document' averages each "
+            "document's mean (a document is a run of one segment id in one row; documents without "
+            "predictions are left out).")
+    fixed = [torch.tensor([[1, 1, 1, 1, 2, 2, 0], [1, 1, 2, 2, 2, 2, 2]]),   # document 1 in two rows
+             torch.tensor([[1, 1, 1, 2, 2, 3, 3, 0]]),
+             torch.tensor([[1, 2, 3, 0]])]                                     # nothing to predict: nan
+    cases = [(segments, 4.0, reduction) for segments in fixed for reduction in ("document", "token")]
+    for case in range(10):
+        cases.append((_packed_segments(rng), [1.0, 30.0, 1e3][case % 3], ["token", "document"][case % 2]))
+    for segments, scale, reduction in cases:
+        b, t = segments.shape
+        v = rng.randint(5, 40)
+        ids = torch.randint(0, v, (b, t), generator=g)
+        logits = torch.randn(b, t, v, generator=g) * scale
+        expected = _packed_reference(logits, ids, segments, reduction)
+        what = (f"packed_lm_loss(logits {tuple(logits.shape)} of magnitude ~{scale:g}, segment_ids "
+                f"{segments.tolist()}, reduction={reduction!r})")
+        if torch.isnan(expected):   # nothing to predict: nan, as torch; no gradient to compare
+            got = as_tensor(fn(logits.clone(), ids.clone(), segments.clone(), reduction), what)
+            assert_close(got.reshape(()), expected, what, hint="No prediction at all: 0 / 0 = nan, as in torch. " + hint)
+            continue
+        x = logits.clone().double().requires_grad_()
+        expected = _packed_reference(x, ids, segments, reduction)
+        (expected_grad,) = torch.autograd.grad(expected, x)
+        out, grads, _ = value_and_grad(fn, logits.clone().requires_grad_(), ids.clone(), segments.clone(), reduction)
+        out = as_tensor(out, what)
+        if out.numel() != 1:
+            raise AssertionError(f"{what}: expected a single number, got shape {tuple(out.shape)}")
+        if torch.isinf(out).any() or torch.isnan(out).any():
+            raise AssertionError(f"{what}: the loss is {'nan' if torch.isnan(out).any() else 'inf'}. {_OVERFLOW}")
+        assert_close(out.reshape(()), expected.detach(), what, rtol=1e-4, atol=1e-4 * max(1.0, scale / 100), hint=hint)
+        assert_close(grads[0], expected_grad, what + ": gradient wrt logits", rtol=1e-3,
+                     atol=1e-5 + 1e-4 * float(expected_grad.abs().max()),
+                     hint="compute it with differentiable torch operations (no .item(), no in-place writes into "
+                          "the logits); masked positions get zero gradient")
+
+
+# --------------------------------------------------------------------------- distillation_loss
+
+def check_distillation_loss(fn: Callable) -> None:
+    """``fn(student_logits, teacher_logits, temperature)`` = T**2 * KL(teacher || student) at temperature
+    T, averaged over rows: ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, reduction='batchmean') * T**2``."""
+    g = fresh_generator()
+    rng = _rng(g)
+    hint = ("loss = T^2 * mean over rows of sum_j p_t[j] * (log p_t[j] - log p_s[j]), where p_t = softmax(teacher/T) "
+            "and p_s = softmax(student/T), both computed stably; the teacher gets no gradient.")
+    for case in range(9):
+        lead = rng.choice([(rng.randint(1, 6),), (rng.randint(1, 3), rng.randint(1, 5))])
+        v = rng.choice([2, 7, 64, 300])
+        scale = [1.0, 20.0, 1e3][case % 3]
+        temperature = rng.choice([1.0, 2.0, 0.5, round(rng.uniform(0.7, 4.0), 3)])
+        student = torch.randn(*lead, v, generator=g) * scale
+        teacher = torch.randn(*lead, v, generator=g) * scale
+        if case == 4:
+            teacher = student.clone()   # identical distributions: the loss is 0
+        s64 = student.double().requires_grad_()
+        t64 = teacher.double()
+        expected = F.kl_div(F.log_softmax(s64.reshape(-1, v) / temperature, dim=-1),
+                            F.log_softmax(t64.reshape(-1, v) / temperature, dim=-1),
+                            log_target=True, reduction="batchmean") * temperature ** 2
+        (expected_grad,) = torch.autograd.grad(expected, s64)
+        what = (f"distillation_loss(student and teacher logits {tuple(student.shape)} of magnitude ~{scale:g}, "
+                f"temperature={temperature})")
+        out, grads, _ = value_and_grad(fn, student.clone().requires_grad_(), teacher.clone(), temperature)
+        out = as_tensor(out, what)
+        if out.numel() != 1:
+            raise AssertionError(f"{what}: expected a single number, got shape {tuple(out.shape)}")
+        if torch.isinf(out).any() or torch.isnan(out).any():
+            raise AssertionError(f"{what}: the loss is {'nan' if torch.isnan(out).any() else 'inf'}. {_OVERFLOW} "
+                                 "And never take the log of a probability that may have underflowed to 0.")
+        assert_close(out.reshape(()), expected.detach(), what, rtol=1e-4, atol=1e-5 * max(1.0, scale), hint=hint)
+        assert_close(grads[0], expected_grad, what + ": gradient wrt the student logits", rtol=1e-3,
+                     atol=1e-6 + 1e-4 * float(expected_grad.abs().max()), hint=hint)
+
+
+# --------------------------------------------------------------------------- ChunkedCrossEntropy
+
+def _chunked_case(g: torch.Generator, rng: random.Random, n: int, d: int, v: int, scale: float,
+                  ignore_index: int, ignored: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(v, d, generator=g) * (scale / d ** 0.5)
+    targets = torch.randint(0, v, (n,), generator=g)
+    for i in range(n):
+        if rng.random() < ignored:
+            targets[i] = ignore_index
+    return hidden, weight, targets
+
+
+def check_ChunkedCrossEntropy(cls: Any) -> None:
+    """``ChunkedCrossEntropy.apply(hidden, weight, targets, chunk_size, ignore_index, label_smoothing)``
+    equals ``F.cross_entropy(hidden @ weight.T, targets, ignore_index=..., label_smoothing=...)``
+    in value and in both gradients, for any incoming gradient."""
     try:
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    except AssertionError as exc:
-        first = str(exc).splitlines()[0]
-        raise AssertionError(f"{what}: expected {expected.flatten()[:4].tolist()}, got "
-                             f"{got.flatten()[:4].tolist()} ({first}). {hint}".rstrip()) from None
-
-
-def check_stable_logsumexp(fn: Callable) -> None:
-    """``fn(x)`` = log(sum(exp(x))) over the last dimension, for any leading shape."""
-    g = _generator()
-    for what, x in _cases(g, batch=False) + _cases(g, batch=True):
-        x_before = x.clone()
-        got = fn(x)
-        if not torch.equal(x, x_before):
-            raise AssertionError(f"stable_logsumexp modified its input in place ({what}); work on a copy")
-        _compare(got, torch.logsumexp(x, dim=-1), f"stable_logsumexp on {what}",
-             "logsumexp(x) = m + log(sum(exp(x - m))) with m the maximum of the row.")
-    # very negative logits: a result of -inf means exp underflowed to 0 before the log
-    x = torch.randn(2, 7, generator=g) - 1e4
-    got = _as_tensor(fn(x), "stable_logsumexp on logits around -1e4")
-    if torch.isinf(got).any():
-        raise AssertionError("stable_logsumexp on logits around -1e4 returned -inf: exp(-1e4) underflows "
-                             "to 0 and log(0) = -inf; subtracting the maximum avoids it.")
-    _compare(got, torch.logsumexp(x, dim=-1), "stable_logsumexp on logits around -1e4")
-
-
-def check_cross_entropy_basic(fn: Callable) -> None:
-    """``fn(logits [N, V], targets [N])`` = mean negative log-likelihood, like F.cross_entropy."""
-    g = _generator()
-    for what, logits in _cases(g):
-        targets = torch.randint(0, logits.shape[-1], logits.shape[:-1], generator=g)
-        got = fn(logits, targets)
-        _compare(got, F.cross_entropy(logits, targets), f"cross_entropy_basic on {what}",
-                 "The loss is the mean over rows of logsumexp(z) - z[target].")
-
-
-def check_cross_entropy_masked(fn: Callable) -> None:
-    """``fn(logits, targets, ignore_index=-100)``: rows whose target is ``ignore_index`` do not count."""
-    g = _generator()
-    for what, logits in _cases(g):
-        n, v = logits.shape
-        targets = torch.randint(0, v, (n,), generator=g)
-        if n > 1:
-            targets[torch.randperm(n, generator=g)[: max(1, n // 3)]] = -100
-        got = fn(logits, targets)
-        ignored = int((targets == -100).sum())
-        _compare(got, F.cross_entropy(logits, targets, ignore_index=-100),
-                 f"cross_entropy_masked on {what} with {ignored} of {n} targets = -100",
-                 "The mean is over the rows that are NOT ignored (divide by their count, not by N); "
-                 "ignored rows must not be used as an index either.")
-    # a different ignore_index, which is also a valid class id
-    logits = torch.randn(12, 9, generator=g)
-    targets = torch.randint(0, 9, (12,), generator=g)
-    targets[:4] = 3
-    _compare(fn(logits, targets, ignore_index=3), F.cross_entropy(logits, targets, ignore_index=3),
-             "cross_entropy_masked with ignore_index=3", "Use the ignore_index argument, not a hard-coded -100.")
-    # every target ignored: 0 / 0 is nan, as in torch
-    got = _as_tensor(fn(torch.randn(4, 6, generator=g), torch.full((4,), -100)),
-                     "cross_entropy_masked with every target ignored")
-    if not torch.isnan(got):
-        raise AssertionError(f"cross_entropy_masked with every target ignored: torch returns nan (0 / 0), "
-                             f"got {got.item()}; do not guard the division")
-
-
-def check_label_smoothed_cross_entropy(fn: Callable) -> None:
-    """``fn(logits, targets, smoothing)`` equals ``F.cross_entropy(..., label_smoothing=smoothing)``."""
-    g = _generator()
-    for what, logits in _cases(g):
-        targets = torch.randint(0, logits.shape[-1], logits.shape[:-1], generator=g)
-        for smoothing in (0.0, float(torch.rand((), generator=g)) * 0.5, 1.0):
-            got = fn(logits, targets, smoothing)
-            _compare(got, F.cross_entropy(logits, targets, label_smoothing=smoothing),
-                     f"label_smoothed_cross_entropy on {what}, smoothing={smoothing:.3f}",
-                     "The target distribution is (1 - eps) * onehot + eps / V, "
-                     "so the loss is (1 - eps) * nll + eps * mean_j(-log p_j).")
-
-
-def check_cross_entropy_grad(fn: Callable) -> None:
-    """``fn(logits, targets)`` = gradient of the mean cross-entropy wrt the logits, without autograd."""
-    g = _generator()
-    for what, logits in _cases(g):
-        targets = torch.randint(0, logits.shape[-1], logits.shape[:-1], generator=g)
-        x = logits.clone().requires_grad_()
-        (expected,) = torch.autograd.grad(F.cross_entropy(x, targets), x)
-        with torch.no_grad():
-            got = fn(logits.clone(), targets)
-        if isinstance(got, torch.Tensor) and got.requires_grad:
-            got = got.detach()
-        _compare(got, expected, f"cross_entropy_grad on {what}",
-                 "The gradient of the mean loss is (softmax(z) - onehot(target)) / N; compute the "
-                 "softmax with the maximum subtracted.")
+        is_function = cls.generate_vmap_rule is False
+    except AttributeError:
+        is_function = False
+    if not is_function:
+        raise AssertionError("ChunkedCrossEntropy must be a subclass of torch.autograd.Function with its own "
+                             "forward and backward (static methods), used as ChunkedCrossEntropy.apply(...)")
+    g = fresh_generator()
+    rng = _rng(g)
+    hint = ("loss = mean over the rows whose target is not ignore_index of (1 - eps) * (lse - z_t) + eps * "
+            "(lse - mean_j z_j), with z = hidden @ weight.T; the gradient wrt z is (softmax(z) - (1 - eps) * "
+            "onehot - eps / V) / n_valid times the incoming gradient, zero on ignored rows; dhidden = dz @ W, "
+            "dweight = dz.T @ hidden.")
+    #        n,  d,   v, chunk, scale, ignore_index, fraction ignored, smoothing
+    cases = [(6, 8, 37, 8, 3.0, -100, 0.3, 0.0),
+             (12, 16, 100, 33, 300.0, -100, 0.2, None),
+             (1, 4, 10, 64, 1.0, -100, 0.0, None),
+             (9, 8, 50, 1, 20.0, 3, 0.3, 0.0),
+             (20, 12, 257, 64, 100.0, -100, 0.25, 1.0),
+             (7, 8, 40, 40, 5.0, -100, 0.0, None)]
+    for index, (n, d, v, chunk, scale, ignore_index, ignored, smoothing) in enumerate(cases):
+        eps = round(rng.uniform(0.05, 0.5), 3) if smoothing is None else smoothing
+        hidden, weight, targets = _chunked_case(g, rng, n, d, v, scale, ignore_index, ignored)
+        if not bool((targets != ignore_index).any()):
+            targets[0] = (ignore_index + 1) % v
+        grad_out = torch.tensor([1.0, -2.0][index] if index < 2 else rng.choice([1.0, 0.5, round(rng.uniform(-3, 3), 3)]))
+        h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+        expected = F.cross_entropy(h64 @ w64.T, targets, ignore_index=ignore_index, label_smoothing=eps)
+        eh, ew = torch.autograd.grad(expected, (h64, w64), grad_outputs=grad_out.double())
+        what = (f"ChunkedCrossEntropy.apply(hidden [{n}, {d}], weight [{v}, {d}], targets with "
+                f"{int((targets == ignore_index).sum())} of {n} = ignore_index {ignore_index}, chunk_size={chunk}, "
+                f"label_smoothing={eps}; logits ~{scale:g}; incoming gradient {float(grad_out):g})")
+        out, grads, _ = value_and_grad(cls.apply, hidden.clone().requires_grad_(), weight.clone().requires_grad_(),
+                                       targets.clone(), chunk, ignore_index, eps, grad_output=grad_out)
+        out = as_tensor(out, what)
+        if out.numel() != 1:
+            raise AssertionError(f"{what}: expected a scalar loss, got shape {tuple(out.shape)}")
+        if not torch.isfinite(out).all():
+            raise AssertionError(f"{what}: the loss is not finite. {_OVERFLOW}")
+        assert_close(out.reshape(()), expected.detach(), what, rtol=1e-4, atol=1e-4, hint=hint, check_dtype=False)
+        for got, want, name in ((grads[0], eh, "hidden"), (grads[1], ew, "weight")):
+            if got is None:
+                raise AssertionError(f"{what}: backward returned no gradient for {name}")
+            assert_close(got, want, f"{what}: gradient wrt {name}", rtol=1e-3,
+                         atol=1e-6 + 1e-4 * float(want.abs().max()), hint=hint)
+    # every target ignored: the loss is 0 / 0 = nan, as torch's, and the gradients are exactly 0
+    hidden, weight, targets = _chunked_case(g, rng, 5, 8, 30, 2.0, -100, 1.0)
+    what = "ChunkedCrossEntropy.apply with every target = ignore_index (chunk_size=7, label_smoothing=0.1)"
+    out, grads, _ = value_and_grad(cls.apply, hidden.clone().requires_grad_(), weight.clone().requires_grad_(),
+                                   targets, 7, -100, 0.1)
+    assert_close(as_tensor(out, what).reshape(()), torch.tensor(float("nan")), what,
+                 hint="torch returns nan (0 / 0) for the loss; do not guard the division of the loss")
+    for got, name in ((grads[0], "hidden"), (grads[1], "weight")):
+        assert_close(got, torch.zeros(hidden.shape if name == "hidden" else weight.shape), f"{what}: gradient wrt {name}",
+                     hint="with nothing to learn from, the gradients are exactly 0 (not nan): divide the gradient by "
+                          "max(n_valid, 1)")
+    # bfloat16 inputs: compute in float32, return the loss and the gradients in the inputs' dtype. Many
+    # small chunks, so that bfloat16 running sums drift well beyond the rounding of the result.
+    hidden, weight, targets = _chunked_case(g, rng, 16, 32, 1024, 3.0, -100, 0.2)
+    hidden, weight = hidden.bfloat16(), weight.bfloat16()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    expected = F.cross_entropy(h64 @ w64.T, targets, ignore_index=-100, label_smoothing=0.1)
+    eh, ew = torch.autograd.grad(expected, (h64, w64))
+    what = "ChunkedCrossEntropy.apply on bfloat16 hidden [16, 32] and weight [1024, 32] (chunk_size=16, label_smoothing=0.1)"
+    out, grads, _ = value_and_grad(cls.apply, hidden.clone().requires_grad_(), weight.clone().requires_grad_(),
+                                   targets, 16, -100, 0.1)
+    bf16_hint = ("upcast each chunk to float32 for the arithmetic (bfloat16 running sums lose precision); return "
+                 "the loss and the gradients as bfloat16")
+    assert_close(out, expected.detach().bfloat16(), what, rtol=1e-2, atol=1e-2, hint=bf16_hint, check_dtype=True)
+    for got, want, name in ((grads[0], eh, "hidden"), (grads[1], ew, "weight")):
+        assert_close(got, want, f"{what}: gradient wrt {name}", rtol=4e-3,
+                     atol=4e-3 * float(want.abs().max()), hint=bf16_hint)
 
 
 CHECKS = {
-    "stable_logsumexp": check_stable_logsumexp,
-    "cross_entropy_basic": check_cross_entropy_basic,
-    "cross_entropy_masked": check_cross_entropy_masked,
-    "label_smoothed_cross_entropy": check_label_smoothed_cross_entropy,
-    "cross_entropy_grad": check_cross_entropy_grad,
+    "logsumexp_update": check_logsumexp_update,
+    "packed_lm_loss": check_packed_lm_loss,
+    "distillation_loss": check_distillation_loss,
+    "ChunkedCrossEntropy": check_ChunkedCrossEntropy,
 }
