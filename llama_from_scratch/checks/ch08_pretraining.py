@@ -1,163 +1,368 @@
-"""Checks of chapter 8's exercises: the learning-rate schedule, one AdamW update, gradient
-clipping by the global norm, and packing documents into training blocks.
+"""Checks of chapter 8's exercises: the warmup-stable-decay schedule, clipping by a global p-norm,
+AdamW in torch's state format, and the capstone training loop.
 
-Every check draws its inputs fresh at grading time (hyper-parameters, shapes, gradients with
-huge and tiny norms, documents of all lengths including empty ones) and compares with an
-independent reference: ``torch.optim.AdamW``, ``torch.nn.utils.clip_grad_norm_``, and the
-package's ``cosine_schedule`` / ``pack_tokens`` (themselves tested against torch and by hand).
+References (independent of this package):
+
+- ``wsd_lr_lambda``: ``transformers.get_wsd_schedule`` (its ``LambdaLR`` multiplier);
+- ``clip_grad_norm``: ``torch.nn.utils.clip_grad_norm_``;
+- ``adamw_step``: ``torch.optim.AdamW`` with two parameter groups (decay on matrices only), over
+  several steps with a changing learning rate, also resumed from torch's own optimizer state;
+- ``train``: the same loop in the grader with ``torch.optim.AdamW``, ``clip_grad_norm_`` and
+  ``LambdaLR(get_wsd_schedule)`` on a tiny ``transformers`` Llama and byte-level blocks of the
+  story corpus (``data/stories``, read through the package's data helpers), plus a loss target:
+  the trained model must beat the unigram baseline on held-out stories.
+
+Inputs are drawn fresh at every grading run; failure messages say what differed, never the
+expected values.
 """
 
 from __future__ import annotations
 
+import gzip
+import itertools
+import json
 import math
-import random
-from typing import Callable
+from functools import lru_cache
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
-from llama_from_scratch.data import pack_tokens
-from llama_from_scratch.optim import cosine_schedule
+from llama_from_scratch.checks.ch07_decoding import call, construct_llama, one_thread, tiny_llama
+from llama_from_scratch.checks.common import as_tensor, assert_close, assert_equal, fresh_generator, fresh_rng
 
-
-def _rng() -> random.Random:
-    """A generator seeded fresh at every grading run, so memorised answers cannot pass."""
-    return random.Random(random.SystemRandom().randrange(2**31))
-
-
-def _generator(rng: random.Random) -> torch.Generator:
-    return torch.Generator().manual_seed(rng.randrange(2**31))
+WARMUP_TYPES = ("linear", "cosine", "1-sqrt")
+DECAY_TYPES = ("linear", "cosine", "1-sqrt")
 
 
-def check_lr_at_step(fn: Callable) -> None:
-    rng = _rng()
-    cases = [(0, 1e-3, 1e-4, 10, 100), (9, 1e-3, 1e-4, 10, 100), (10, 1e-3, 1e-4, 10, 100),
-             (55, 1e-3, 1e-4, 10, 100), (99, 1e-3, 1e-4, 10, 100), (100, 1e-3, 1e-4, 10, 100),
-             (250, 1e-3, 1e-4, 10, 100), (0, 3e-4, 0.0, 0, 50), (7, 6e-4, 6e-5, 0, 8)]
-    for _ in range(40):
-        total = rng.randrange(1, 2000)
-        warmup = rng.randrange(0, total + 1)
-        max_lr = 10 ** rng.uniform(-5, -2)
-        min_lr = max_lr * rng.choice([0.0, 0.1, rng.random()])
-        cases.append((rng.randrange(0, total + 50), max_lr, min_lr, warmup, total))
-    for step, max_lr, min_lr, warmup, total in cases:
-        expected = cosine_schedule(step, max_lr, min_lr, warmup, total)
-        got = fn(step, max_lr, min_lr, warmup, total)
-        if not isinstance(got, (int, float)) or isinstance(got, bool):
-            raise AssertionError(f"expected a Python float, got {type(got).__name__}")
-        if not math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-15):
-            phase = "warmup" if step < warmup else ("after total_steps" if step >= total else "cosine decay")
-            raise AssertionError(
-                f"lr_at_step(step={step}, max_lr={max_lr:.3g}, min_lr={min_lr:.3g}, warmup_steps={warmup}, "
-                f"total_steps={total}) ({phase}): expected {expected:.6g}, got {got:.6g}")
+# ----- wsd_lr_lambda --------------------------------------------------------------------------
 
 
-def check_adamw_update(fn: Callable) -> None:
-    rng = _rng()
-    for trial in range(6):
-        g = _generator(rng)
-        shapes = [(rng.randrange(1, 7), rng.randrange(1, 9)), (rng.randrange(1, 11),), ()]
-        lr = 10 ** rng.uniform(-4, -1)
-        betas = (rng.choice([0.9, 0.8, rng.uniform(0.5, 0.99)]), rng.choice([0.999, 0.95, rng.uniform(0.9, 0.9999)]))
-        eps = rng.choice([1e-8, 1e-6, 1e-3])
-        wd = rng.choice([0.0, 0.01, 0.1, rng.uniform(0, 0.5)])
-        ref_params = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
-        params = [p.clone() for p in ref_params]
-        ref_params = [p.requires_grad_() for p in ref_params]
-        opt = torch.optim.AdamW(ref_params, lr=lr, betas=betas, eps=eps, weight_decay=wd)
-        exp_avgs = [torch.zeros_like(p) for p in params]
-        exp_avg_sqs = [torch.zeros_like(p) for p in params]
-        for step in range(1, rng.randrange(2, 6) + 1):
-            grads = [torch.randn(s, generator=g, dtype=torch.float64) * rng.choice([1e-3, 1.0, 50.0]) for s in shapes]
-            for p, grad in zip(ref_params, grads):
-                p.grad = grad.clone()
-            opt.step()
-            result = fn(params, [x.clone() for x in grads], exp_avgs, exp_avg_sqs, step, lr, betas[0], betas[1], eps, wd)
-            if result is not None:
-                raise AssertionError("adamw_update must update params, exp_avgs and exp_avg_sqs in place and return None")
-            for i, (p, ref) in enumerate(zip(params, ref_params)):
-                if not torch.allclose(p, ref.detach(), rtol=1e-9, atol=1e-12):
-                    state = opt.state[ref]
-                    detail = ""
-                    if not torch.allclose(exp_avgs[i], state["exp_avg"], rtol=1e-9, atol=1e-12):
-                        detail = " (the first moment exp_avg already differs: m = beta1 * m + (1 - beta1) * g)"
-                    elif not torch.allclose(exp_avg_sqs[i], state["exp_avg_sq"], rtol=1e-9, atol=1e-12):
-                        detail = " (the second moment exp_avg_sq already differs: v = beta2 * v + (1 - beta2) * g^2)"
-                    raise AssertionError(
-                        f"after step {step} (lr={lr:.3g}, betas={betas}, eps={eps}, weight_decay={wd:.3g}) parameter {i} "
-                        f"of shape {tuple(p.shape)} differs from torch.optim.AdamW by "
-                        f"{(p - ref.detach()).abs().max().item():.3g}{detail}. Remember: decay first, "
-                        f"p *= 1 - lr * weight_decay; then bias-corrected m / (sqrt(v_hat) + eps).")
+def _wsd_reference(warmup: int, stable: int, decay: int, warmup_type: str, decay_type: str, min_lr_ratio: float):
+    from transformers import get_wsd_schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_wsd_schedule(optimizer, num_warmup_steps=warmup, num_decay_steps=decay, num_stable_steps=stable,
+                                 warmup_type=warmup_type, decay_type=decay_type, min_lr_ratio=min_lr_ratio)
+    return scheduler.lr_lambdas[0]
 
 
-def check_clip_by_global_norm(fn: Callable) -> None:
-    rng = _rng()
-    for trial in range(12):
-        g = _generator(rng)
-        n = rng.randrange(1, 5)
-        shapes = [tuple(rng.randrange(1, 6) for _ in range(rng.randrange(0, 3))) for _ in range(n)]
-        scale = rng.choice([1e-4, 0.1, 1.0, 30.0, 1e3])
-        max_norm = rng.choice([0.5, 1.0, 5.0, 1e6])
-        ours = [torch.zeros(s, requires_grad=True) for s in shapes]
-        refs = [torch.zeros(s, requires_grad=True) for s in shapes]
-        for i, (p, q) in enumerate(zip(ours, refs)):
-            if i > 0 and rng.random() < 0.2:
-                continue  # a parameter without a gradient: skipped, as torch does
-            grad = torch.randn(p.shape, generator=g) * scale
-            p.grad, q.grad = grad.clone(), grad.clone()
-        if all(p.grad is None for p in ours):
-            continue
-        expected_norm = torch.nn.utils.clip_grad_norm_(refs, max_norm)
-        got_norm = fn(ours, max_norm)
-        if not isinstance(got_norm, torch.Tensor) or got_norm.numel() != 1:
-            raise AssertionError(f"return the total norm before clipping as a 1-element tensor, got {got_norm!r}")
-        if not torch.allclose(got_norm.float(), expected_norm, rtol=1e-5, atol=1e-7):
-            raise AssertionError(f"total norm of gradients of shapes {shapes} (scale {scale}): expected "
-                                 f"{expected_norm.item():.6g}, got {got_norm.item():.6g}. It is the L2 norm of all "
-                                 "gradients together, i.e. sqrt of the sum of every squared entry, before clipping.")
-        for i, (p, q) in enumerate(zip(ours, refs)):
-            if q.grad is None:
-                if p.grad is not None:
-                    raise AssertionError(f"parameter {i} had no gradient and must keep grad None")
+def check_wsd_lr_lambda(fn: Callable) -> None:
+    """``fn(step, num_warmup_steps, num_stable_steps, num_decay_steps, warmup_type, decay_type,
+    min_lr_ratio)`` equals the multiplier of ``transformers.get_wsd_schedule`` at every step."""
+    rng = fresh_rng()
+    plans = [(4, 3, 5, "linear", "cosine", 0.0), (0, 2, 3, "cosine", "linear", 0.1)]
+    for warmup_type in WARMUP_TYPES:
+        for decay_type in DECAY_TYPES:
+            plans.append((rng.choice([0, 1, rng.randrange(2, 12)]), rng.choice([0, rng.randrange(1, 10)]),
+                          rng.choice([1, rng.randrange(2, 15)]), warmup_type, decay_type,
+                          rng.choice([0.0, 0.1, rng.uniform(0, 0.5)])))
+    for warmup, stable, decay, warmup_type, decay_type, ratio in plans:
+        reference = _wsd_reference(warmup, stable, decay, warmup_type, decay_type, ratio)
+        steps = list(range(warmup + stable + decay + 3))
+        expected = torch.tensor([reference(s) for s in steps], dtype=torch.float64)
+        got = []
+        for s in steps:
+            value = call(fn, s, warmup, stable, decay, warmup_type, decay_type, ratio)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise AssertionError(f"wsd_lr_lambda must return a float, got {type(value).__name__}")
+            got.append(float(value))
+        assert_close(torch.tensor(got, dtype=torch.float64), expected,
+                     f"wsd_lr_lambda at steps 0..{steps[-1]} (num_warmup_steps={warmup}, num_stable_steps={stable}, "
+                     f"num_decay_steps={decay}, warmup_type={warmup_type!r}, decay_type={decay_type!r}, "
+                     f"min_lr_ratio={ratio:.3g})", rtol=1e-9, atol=1e-12,
+                     hint="Warm-up progress is step / num_warmup_steps (0 at step 0); decay progress counts from the "
+                          "first decay step; every phase but the stable one is rescaled to end at min_lr_ratio "
+                          "(min_lr_ratio + (1 - min_lr_ratio) * shape), and after the decay the multiplier stays at "
+                          "min_lr_ratio.")
+
+
+# ----- clip_grad_norm -------------------------------------------------------------------------
+
+
+def _random_grads(rng, g, scale: float) -> list[torch.Tensor | None]:
+    shapes = [(rng.randrange(1, 9), rng.randrange(1, 9)) for _ in range(rng.randrange(1, 5))]
+    shapes += [(rng.randrange(1, 17),) for _ in range(rng.randrange(0, 3))]
+    grads: list[torch.Tensor | None] = [torch.randn(s, generator=g) * scale for s in shapes]
+    if rng.random() < 0.4:
+        grads.insert(rng.randrange(len(grads) + 1), None)          # a parameter without a gradient
+    return grads
+
+
+def check_clip_grad_norm(fn: Callable) -> None:
+    """``fn(grads, max_norm, norm_type)`` scales the gradients in place as
+    ``torch.nn.utils.clip_grad_norm_`` and returns the norm before clipping."""
+    rng, g = fresh_rng(), fresh_generator()
+    plans = [(2.0, 1.0, 1.0), (2.0, 1e-3, 1.0), (2.0, 1e-4, 1e-4), (float("inf"), 1.0, 0.5), (1.0, 1.0, 3.0)]
+    for _ in range(14):
+        plans.append((rng.choice([2.0, 2.0, 1.0, 3.0, 1.5, float("inf")]), rng.choice([1e-4, 1e-2, 0.3, 1.0, 10.0]),
+                      rng.choice([0.1, 1.0, 5.0, 100.0])))
+    for norm_type, scale, max_norm in plans:
+        grads = _random_grads(rng, g, scale)
+        params = []
+        for grad in grads:
+            p = torch.nn.Parameter(torch.zeros(grad.shape if grad is not None else (3,)))
+            p.grad = None if grad is None else grad.clone()
+            params.append(p)
+        expected_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type, foreach=False)
+        shapes = [None if x is None else tuple(x.shape) for x in grads]
+        what = f"clip_grad_norm(grads of shapes {shapes}, max_norm={max_norm:g}, norm_type={norm_type:g})"
+        mine = [None if x is None else x.clone() for x in grads]
+        total = call(fn, mine, max_norm, norm_type)
+        assert_close(as_tensor(total, f"{what}: the returned norm").reshape(()).double(), expected_norm.double(),
+                     f"{what}: the returned norm", rtol=1e-5, atol=1e-9,
+                     hint="Return the norm of ALL gradients together, measured before clipping: (sum over every "
+                          "entry of |g|^p)^(1/p), or the largest |g| for norm_type=inf.")
+        for i, (got, p) in enumerate(zip(mine, params)):
+            if p.grad is None:
                 continue
-            if not torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-8):
-                raise AssertionError(
-                    f"max_norm={max_norm}, total norm {expected_norm.item():.4g}: gradient {i} should be "
-                    f"{'scaled by max_norm / (total + 1e-6)' if expected_norm > max_norm else 'left unchanged'}; "
-                    f"max difference from torch.nn.utils.clip_grad_norm_ {(p.grad - q.grad).abs().max().item():.3g}")
+            assert_close(got, p.grad, f"{what}: gradient {i} after clipping", rtol=1e-5, atol=1e-9,
+                         hint="Scale every gradient, in place, by min(1, max_norm / (total + 1e-6)).")
 
 
-def check_pack_documents(fn: Callable) -> None:
-    rng = _rng()
-    cases = [([[1, 2, 3], [4, 5], [6, 7, 8, 9]], 4, 0), ([[5]], 1, 9), ([[], [1, 2], []], 2, 7)]
-    for _ in range(25):
-        docs = [[rng.randrange(0, 50) for _ in range(rng.choice([0, 1, 2, rng.randrange(3, 40)]))]
-                for _ in range(rng.randrange(1, 12))]
-        block = rng.choice([1, 2, 3, rng.randrange(4, 33)])
-        cases.append((docs, block, rng.randrange(50, 60)))
-    for docs, block, eos in cases:
-        n_tokens = sum(len(d) + 1 for d in docs)
-        if n_tokens < block + 1:
-            continue
-        expected = pack_tokens(docs, block, eos)
-        got = fn([list(d) for d in docs], block, eos)
-        if not isinstance(got, torch.Tensor):
-            raise AssertionError(f"expected a torch.Tensor, got {type(got).__name__}")
-        if tuple(got.shape) != tuple(expected.shape):
-            raise AssertionError(
-                f"pack_documents({docs if n_tokens < 40 else '...'}, block_size={block}, eos_id={eos}): "
-                f"{n_tokens} tokens with the EOS separators -> expected shape {tuple(expected.shape)} "
-                f"((n_tokens - 1) // block_size blocks of block_size + 1), got {tuple(got.shape)}")
-        if not torch.equal(got.long(), expected):
-            row = (got.long() != expected).any(dim=1).nonzero()[0].item()
-            raise AssertionError(
-                f"pack_documents(block_size={block}, eos_id={eos}) block {row}: expected {expected[row].tolist()}, "
-                f"got {got[row].tolist()} (documents: {docs if n_tokens < 40 else '...'}). Blocks start every "
-                "block_size tokens and overlap by one token.")
+# ----- adamw_step -----------------------------------------------------------------------------
+
+
+def _torch_adamw(params: list[torch.nn.Parameter], lr: float, betas, eps: float, weight_decay: float):
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps,
+                             foreach=False)
+
+
+def check_adamw_step(fn: Callable) -> None:
+    """``fn(params, grads, state, lr, betas, eps, weight_decay)`` updates ``params`` and ``state``
+    in place exactly as ``torch.optim.AdamW`` (weight decay on parameters with 2+ dimensions)."""
+    rng, g = fresh_rng(), fresh_generator()
+    for trial in range(4):
+        shapes = [(rng.randrange(2, 7), rng.randrange(2, 7)), (rng.randrange(2, 9),), (rng.randrange(1, 5), 3, 2),
+                  (rng.randrange(2, 9),)]
+        rng.shuffle(shapes)
+        betas = (rng.choice([0.9, 0.8, rng.uniform(0.5, 0.95)]), rng.choice([0.999, 0.95, rng.uniform(0.8, 0.999)]))
+        eps = rng.choice([1e-8, 1e-3, 1e-2])
+        weight_decay = rng.choice([0.0, 0.1, 0.5])
+        ref = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+        optimizer = _torch_adamw(ref, 0.1, betas, eps, weight_decay)
+        skip = rng.randrange(len(shapes)) if trial % 2 else None       # a parameter that never gets a gradient
+        resume = rng.choice([0, 0, 2])                                  # steps torch takes before the student
+        lrs = [rng.choice([1e-3, 1e-2, 0.05, 0.1, 0.3]) for _ in range(resume + rng.randrange(3, 6))]
+        state: dict = {}
+        params: list[torch.Tensor] = []
+        for step, lr in enumerate(lrs):
+            grads = [None if i == skip else torch.randn(p.shape, generator=g) * rng.choice([1e-3, 1e-2, 1.0])
+                     for i, p in enumerate(ref)]
+            for p, grad in zip(ref, grads):
+                p.grad = None if grad is None else grad.clone()
+            if step == resume:           # hand over torch's state, in the exercise's format
+                params = [p.detach().clone() for p in ref]
+                state = {i: {k: v.clone() for k, v in optimizer.state[p].items()}
+                         for i, p in enumerate(ref) if p in optimizer.state}
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+            if step < resume:
+                continue
+            what = (f"adamw_step, call {step - resume + 1} (parameters of shapes {shapes}, "
+                    f"{'resumed from torch state after ' + str(resume) + ' steps, ' if resume else ''}"
+                    f"{'parameter ' + str(skip) + ' without a gradient, ' if skip is not None else ''}lr={lr:g}, "
+                    f"betas=({betas[0]:.3g}, {betas[1]:.3g}), eps={eps:g}, weight_decay={weight_decay:g})")
+            result = call(fn, params, [None if x is None else x.clone() for x in grads], state, lr, betas, eps,
+                          weight_decay)
+            if result is not None:
+                raise AssertionError(f"{what}: adamw_step updates in place and returns None, got {type(result).__name__}")
+            for i, (mine, p) in enumerate(zip(params, ref)):
+                assert_close(mine, p.detach(), f"{what}: parameter {i} (shape {tuple(p.shape)})", rtol=1e-5, atol=1e-7,
+                             hint="Per parameter: decoupled decay p *= 1 - lr * weight_decay (only for 2+ dims), "
+                                  "m = beta1 m + (1 - beta1) g, v = beta2 v + (1 - beta2) g^2, then "
+                                  "p -= lr * (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps), t counted "
+                                  "per parameter in state[i]['step'].")
+            expected_keys = sorted(i for i, p in enumerate(ref) if p in optimizer.state)
+            if sorted(state) != expected_keys:
+                raise AssertionError(f"{what}: state has entries for parameters {sorted(state)}, expected {expected_keys} "
+                                     "(one per parameter that has received a gradient, keyed by its index)")
+            for i in expected_keys:
+                torch_state = optimizer.state[ref[i]]
+                entry = state[i]
+                if not isinstance(entry, dict) or set(entry) != {"step", "exp_avg", "exp_avg_sq"}:
+                    raise AssertionError(f"{what}: state[{i}] must be a dict with the keys 'step', 'exp_avg', "
+                                         f"'exp_avg_sq' (torch's names), got {sorted(entry) if isinstance(entry, dict) else entry!r}")
+                step_value = entry["step"]
+                step_value = float(step_value) if isinstance(step_value, (int, float, torch.Tensor)) else None
+                if step_value != float(torch_state["step"]):
+                    raise AssertionError(f"{what}: state[{i}]['step'] is {entry['step']!r}, expected "
+                                         f"{int(torch_state['step'])} (the number of updates this parameter has had)")
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert_close(entry[key], torch_state[key], f"{what}: state[{i}][{key!r}]", rtol=1e-5, atol=1e-9)
+
+
+# ----- train (the capstone) -------------------------------------------------------------------
+
+EOS = 256          # byte-level tokens: the 256 byte values, then an end-of-story id
+BLOCK = 32
+MODEL = dict(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, bos_token_id=None,
+             eos_token_id=None, pad_token_id=None)
+
+
+def _read_stories(name: str, n: int) -> list[str]:
+    from llama_from_scratch.data import stories_dir
+
+    with gzip.open(stories_dir() / name, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in itertools.islice(f, n)]
+
+
+@lru_cache(maxsize=1)
+def story_blocks() -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Byte-level ``[N, BLOCK + 1]`` blocks of the first 300 training and 40 validation stories
+    (each story followed by ``EOS``), and the validation loss of the training unigram model."""
+    from llama_from_scratch.data import pack_tokens
+
+    def blocks(texts: list[str]) -> torch.Tensor:
+        return pack_tokens([list(t.encode("utf-8")) for t in texts], BLOCK, EOS)
+
+    train, val = blocks(_read_stories("train.jsonl.gz", 300)), blocks(_read_stories("val.jsonl.gz", 40))
+    counts = torch.bincount(train[:, 1:].flatten(), minlength=EOS + 1).double() + 1
+    unigram = float(-(counts / counts.sum()).log()[val[:, 1:].flatten()].mean())
+    return train, val, unigram
+
+
+def _loss(model, blocks: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=blocks[:, :-1]).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
+
+
+def _reference_train(model, blocks: torch.Tensor, batches: list[list[int]], config: dict) -> dict:
+    from transformers import get_wsd_schedule
+
+    params = list(model.parameters())
+    optimizer = _torch_adamw(params, config["max_lr"], tuple(config["betas"]), config["eps"], config["weight_decay"])
+    scheduler = get_wsd_schedule(optimizer, num_warmup_steps=config["num_warmup_steps"],
+                                 num_decay_steps=config["num_decay_steps"], num_stable_steps=config["num_stable_steps"],
+                                 warmup_type=config["warmup_type"], decay_type=config["decay_type"],
+                                 min_lr_ratio=config["min_lr_ratio"])
+    history: dict[str, list[float]] = {"losses": [], "grad_norms": [], "lrs": []}
+    accum = config["grad_accum_steps"]
+    for indices in batches:
+        history["lrs"].append(optimizer.param_groups[0]["lr"])
+        total = 0.0
+        for micro in torch.tensor(indices).chunk(accum):
+            loss = _loss(model, blocks[micro]) / accum
+            loss.backward()
+            total += loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"], foreach=False)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        history["losses"].append(total)
+        history["grad_norms"].append(float(norm))
+    return history
+
+
+def _random_config(rng, steps: int) -> dict:
+    """A run of ``steps`` steps; a short one (6 steps) has every phase of the schedule and clips at
+    0.5, below the gradient norms of a fresh model (about 2), so that clipping acts at every step."""
+    short = steps < 12
+    warmup = 2 if short else rng.randrange(2, 7)
+    decay = 2 if short else rng.randrange(8, 16)
+    return dict(grad_accum_steps=rng.choice([2, 4]), max_lr=rng.choice([8e-3, 1e-2, 1.5e-2]), num_warmup_steps=warmup,
+                num_stable_steps=steps - warmup - decay, num_decay_steps=decay, warmup_type=rng.choice(WARMUP_TYPES),
+                decay_type=rng.choice(DECAY_TYPES), min_lr_ratio=rng.choice([0.1, 0.2]),
+                max_grad_norm=0.5 if short else rng.choice([0.5, 1.0]), weight_decay=rng.choice([0.05, 0.1]),
+                betas=(0.9, 0.95), eps=1e-8)
+
+
+def _series(result: dict, key: str, what: str) -> torch.Tensor:
+    values = result[key]
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, (int, float)) for v in values):
+        raise AssertionError(f"{what}: result[{key!r}] must be a list of floats, one per step")
+    return torch.tensor([float(v) for v in values], dtype=torch.float64)
+
+
+def _run_and_compare(fn: Callable, rng, g, steps: int) -> dict:
+    """Train the student's way and the reference way from the same weights on the same batches;
+    compare what the run reports (tightly for a short run, where float rounding has not yet had time
+    to grow: there the weights are compared too). Returns the student's trained state dict."""
+    train_blocks, _, _ = story_blocks()
+    start = rng.randrange(len(train_blocks) - 2400)
+    blocks = train_blocks[start:start + 2400].clone()
+    config = _random_config(rng, steps)
+    batches = [torch.randperm(len(blocks), generator=g)[:16].tolist() for _ in range(steps)]
+    reference_model = tiny_llama(MODEL, rng.randrange(2**31))
+    weights = {k: v.detach().clone() for k, v in reference_model.state_dict().items()}
+    reference = _reference_train(reference_model, blocks, batches, config)
+    what = f"train(tiny Llama, {len(blocks)} story blocks of {BLOCK + 1} bytes, {steps} steps of 16 blocks, config={config})"
+    result = call(fn, construct_llama(MODEL, weights), blocks, batches, dict(config))
+    if not isinstance(result, dict):
+        raise AssertionError(f"{what}: expected a dict with 'lrs', 'losses', 'grad_norms', 'state_dict', got "
+                             f"{type(result).__name__}")
+    for key in ("lrs", "losses", "grad_norms", "state_dict"):
+        if key not in result:
+            raise AssertionError(f"{what}: the result has no {key!r} (keys: {sorted(result)})")
+    short = steps < 12
+    assert_close(_series(result, "lrs", what), torch.tensor(reference["lrs"], dtype=torch.float64),
+                 f"{what}: the learning rate of each step", rtol=1e-6, atol=1e-12,
+                 hint="Step s (from 0) uses max_lr * wsd_lr_lambda(s, ...).")
+    assert_close(_series(result, "losses", what), torch.tensor(reference["losses"], dtype=torch.float64),
+                 f"{what}: the loss of each step", rtol=1e-4 if short else 2e-2, atol=1e-6,
+                 hint="A step's loss is the mean cross-entropy over its whole batch (the mean of its micro-batches' "
+                      "losses), measured before the update; inputs are block[:, :-1], targets block[:, 1:].")
+    # Over a long run float rounding grows (AdamW's near-sign updates amplify it): the long run's
+    # losses are compared loosely and its gradient norms only for their length.
+    norms = _series(result, "grad_norms", what)
+    if short:
+        assert_close(norms, torch.tensor(reference["grad_norms"], dtype=torch.float64),
+                     f"{what}: the gradient norm of each step (before clipping)", rtol=1e-4, atol=1e-6,
+                     hint="Divide each micro-batch's loss by grad_accum_steps before backward, so that the accumulated "
+                          "gradient is the gradient of the batch's mean loss; start every step from zero gradients.")
+    elif len(norms) != steps:
+        raise AssertionError(f"{what}: result['grad_norms'] has {len(norms)} entries, expected one per step ({steps})")
+    state = result["state_dict"]
+    expected = reference_model.state_dict()
+    if not isinstance(state, dict) or sorted(state) != sorted(expected):
+        raise AssertionError(f"{what}: result['state_dict'] must be model.state_dict() after training (the same names)")
+    if short:
+        # AdamW's near-sign updates turn float rounding into differences of up to ~2e-5 on a few
+        # weights after 6 steps; a wrong clipping or weight-decay rule moves weights by 4e-3 or more.
+        for name, value in expected.items():
+            assert_close(state[name], value, f"{what}: trained weight {name!r}", rtol=0.0, atol=2e-4,
+                         hint="Clip the accumulated gradients (max_grad_norm, global L2 norm) before the AdamW "
+                              "step; decay only the weights with 2+ dimensions; one AdamW state for the whole run.")
+    return state
+
+
+@one_thread
+def check_train(fn: Callable) -> None:
+    """``fn(model, blocks, batches, config)`` trains a tiny ``transformers`` Llama on byte-level story
+    blocks as the grader's reference loop does: a 6-step run must give the same learning rates,
+    losses, gradient norms and weights, a 36-step run the same learning rates and losses, and its
+    model must beat the unigram baseline on held-out stories."""
+    rng, g = fresh_rng(), fresh_generator()
+    _run_and_compare(fn, rng, g, 6)
+    state = _run_and_compare(fn, rng, g, 36)
+    _, val_blocks, unigram = story_blocks()
+    with torch.no_grad():
+        trained = tiny_llama(MODEL, 0)
+        trained.load_state_dict({k: as_tensor(v, k) for k, v in state.items()})
+        held_out = float(_loss(trained, val_blocks))
+    if not held_out < unigram:
+        raise AssertionError(f"train: after 36 steps the held-out loss is {held_out:.3f}, not below the unigram "
+                             f"baseline {unigram:.3f}: the model has not learned to use the context.")
 
 
 CHECKS = {
-    "lr_at_step": check_lr_at_step,
-    "adamw_update": check_adamw_update,
-    "clip_by_global_norm": check_clip_by_global_norm,
-    "pack_documents": check_pack_documents,
+    "wsd_lr_lambda": check_wsd_lr_lambda,
+    "clip_grad_norm": check_clip_grad_norm,
+    "adamw_step": check_adamw_step,
+    "train": check_train,
+}
+
+FORBIDDEN = {
+    "wsd_lr_lambda": ["transformers", "torch.optim"],
+    "clip_grad_norm": ["torch.nn.utils.clip_grad_norm_", "torch.nn.utils.clip_grads_with_norm_",
+                       "torch.nn.utils.get_total_norm", "torch.nn.utils.clip_grad"],
+    "adamw_step": ["torch.optim"],
+    "train": ["torch.optim", "torch.nn.utils.clip_grad_norm_", "torch.nn.utils.clip_grads_with_norm_",
+              "torch.nn.utils.get_total_norm", "torch.nn.utils.clip_grad", "transformers.get_wsd_schedule",
+              "transformers.optimization", "transformers.Trainer"],
 }

@@ -1,0 +1,226 @@
+"""Chapter 8's checks fail on the stub and on plausible wrong answers, and pass on the solution and
+on correct answers written differently."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama_from_scratch.checks.ch08_pretraining import CHECKS
+from llama_from_scratch.grade import load_definitions
+
+SOLUTIONS = load_definitions(Path(__file__).resolve().parents[2] / "solutions" / "ch08_pretraining.ipynb").namespace
+FAILS = (AssertionError, NotImplementedError)
+
+
+def stub(*args, **kwargs):
+    raise NotImplementedError
+
+
+def fails(name: str, fn) -> None:
+    with pytest.raises(FAILS):
+        CHECKS[name](fn)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_stub_fails_and_solution_passes(name):
+    fails(name, stub)
+    CHECKS[name](SOLUTIONS[name])
+
+
+# ----- wsd_lr_lambda --------------------------------------------------------------------------
+
+SHAPES_UP = {"linear": lambda q: q, "cosine": lambda q: 0.5 * (1 - math.cos(math.pi * q)),
+             "1-sqrt": lambda q: 1 - math.sqrt(1 - q)}
+SHAPES_DOWN = {"linear": lambda q: 1 - q, "cosine": lambda q: 0.5 * (1 + math.cos(math.pi * q)),
+               "1-sqrt": lambda q: 1 - math.sqrt(q)}
+
+
+def _wsd(step, w, s, d, up="linear", down="cosine", r=0.0, *, plus_one=False, ratio_in_warmup=True,
+         skip_stable=False, end=None, sqrt_flip=False):
+    if step < w:
+        q = (step + 1) / w if plus_one else step / w
+        shape = SHAPES_UP[up](q)
+        return r + (1 - r) * shape if ratio_in_warmup else shape
+    if step < w + s:
+        return 1.0
+    if step < w + s + d:
+        q = (step - w - (0 if skip_stable else s)) / d
+        q = min(q, 1.0)
+        shape = math.sqrt(1 - q) if (sqrt_flip and down == "1-sqrt") else SHAPES_DOWN[down](q)
+        return r + (1 - r) * shape
+    return r if end is None else end
+
+
+@pytest.mark.parametrize("options", [
+    dict(plus_one=True),          # chapter 8's (step + 1) / warmup
+    dict(ratio_in_warmup=False),  # the warm-up starts from 0, not min_lr_ratio
+    dict(skip_stable=True),       # decay progress counted from the end of the warm-up
+    dict(end=0.0),                # 0 after the decay
+    dict(sqrt_flip=True),         # sqrt(1 - q) for the 1-sqrt decay
+], ids=lambda o: next(iter(o)))
+def test_wsd_wrong(options):
+    fails("wsd_lr_lambda", lambda *a: _wsd(*a, **options))
+
+
+def test_wsd_with_phase_boundaries_and_num_cycles_passes():
+    def by_boundaries(step, w, s, d, up="linear", down="cosine", r=0.0):
+        ends = [w, w + s, w + s + d]
+        if step >= ends[2]:
+            return r
+        if ends[0] <= step < ends[1]:
+            return 1.0
+        warm = step < ends[0]
+        q = step / w if warm else (step - ends[1]) / d
+        if warm:
+            shape = {"linear": q, "cosine": (1 - math.cos(math.pi * q)) / 2, "1-sqrt": 1 - (1 - q) ** 0.5}[up]
+        else:
+            shape = {"linear": 1 - q, "cosine": 0.5 * (1 + math.cos(math.pi * 0.5 * 2.0 * q)), "1-sqrt": 1 - q ** 0.5}[down]
+        return shape * (1 - r) + r
+
+    CHECKS["wsd_lr_lambda"](by_boundaries)
+
+
+# ----- clip_grad_norm -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _clip(grads, max_norm, p=2.0, *, always=False, per_tensor=False, eps=1e-6, after=False, ignore_p=False,
+          sum_of_norms=False):
+    present = [g for g in grads if g is not None]
+    if not present:
+        return torch.tensor(0.0)
+    p = 2.0 if ignore_p else p
+    norms = [torch.linalg.vector_norm(g, p) for g in present]
+    total = torch.stack(norms).sum() if sum_of_norms else torch.linalg.vector_norm(torch.stack(norms), p)
+    for g, n in zip(present, norms):
+        scale = max_norm / ((n if per_tensor else total) + eps)
+        g.mul_(scale if always else min(1.0, float(scale)))
+    if after:
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, p) for g in present]), p)
+    return total
+
+
+@pytest.mark.parametrize("options", [
+    dict(always=True),            # scales small gradients up too
+    dict(per_tensor=True),        # clips each gradient by its own norm
+    dict(eps=0.0),                # no 1e-6 in the denominator
+    dict(after=True),             # returns the norm after clipping
+    dict(ignore_p=True),          # always the L2 norm
+    dict(sum_of_norms=True),      # adds the per-tensor norms
+], ids=lambda o: next(iter(o)))
+def test_clip_wrong(options):
+    fails("clip_grad_norm", lambda g, m, p=2.0: _clip(g, m, p, **options))
+
+
+def test_clip_norm_of_norms_passes():
+    CHECKS["clip_grad_norm"](lambda g, m, p=2.0: _clip(g, m, p))
+
+
+# ----- adamw_step -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _adamw(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, wd=0.01, *, coupled=False, decay_all=False,
+           decay_after=False, eps_inside=False, no_bias_correction=False, names=("exp_avg", "exp_avg_sq")):
+    b1, b2 = betas
+    m_name, v_name = names
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        entry = state.setdefault(i, {"step": torch.tensor(0.0), m_name: torch.zeros_like(p), v_name: torch.zeros_like(p)})
+        entry["step"] += 1
+        t = float(entry["step"])
+        decays = decay_all or p.dim() >= 2
+        if coupled and decays:
+            g = g + wd * p
+        if decays and not coupled and not decay_after:
+            p.mul_(1 - lr * wd)
+        entry[m_name].mul_(b1).add_(g, alpha=1 - b1)
+        entry[v_name].mul_(b2).addcmul_(g, g, value=1 - b2)
+        c1, c2 = (1.0, 1.0) if no_bias_correction else (1 - b1 ** t, 1 - b2 ** t)
+        m_hat, v_hat = entry[m_name] / c1, entry[v_name] / c2
+        p.sub_(lr * m_hat / ((v_hat + eps).sqrt() if eps_inside else (v_hat.sqrt() + eps)))
+        if decays and decay_after and not coupled:
+            p.mul_(1 - lr * wd)
+
+
+@pytest.mark.parametrize("options", [
+    dict(coupled=True),               # Adam with L2 in the gradient, not decoupled decay
+    dict(decay_all=True),             # decays norms and biases too
+    dict(decay_after=True),           # decays after the Adam step
+    dict(eps_inside=True),            # sqrt(v_hat + eps)
+    dict(no_bias_correction=True),    # m and v used without 1 - beta^t
+    dict(names=("m", "v")),           # its own state names: cannot resume torch's state
+], ids=lambda o: next(iter(o)))
+def test_adamw_wrong(options):
+    fails("adamw_step", lambda *a: _adamw(*a, **options))
+
+
+def test_adamw_by_the_formula_passes():
+    """Chapter 8's order of operations (m_hat, v_hat), not torch's (lerp, addcdiv): equal within float32."""
+    CHECKS["adamw_step"](lambda *a: _adamw(*a))
+
+
+# ----- train ----------------------------------------------------------------------------------
+
+wsd, clip, adamw = SOLUTIONS["wsd_lr_lambda"], SOLUTIONS["clip_grad_norm"], SOLUTIONS["adamw_step"]
+SCHEDULE = ("num_warmup_steps", "num_stable_steps", "num_decay_steps", "warmup_type", "decay_type", "min_lr_ratio")
+
+
+def _train(model, blocks, batches, config, *, divide=True, lr_shift=0, clip_on=True, zero=True, decay_all=False,
+           last_loss=False, token_sum=False):
+    params = list(model.parameters())
+    state, history = {}, {"lrs": [], "losses": [], "grad_norms": []}
+    accum = config["grad_accum_steps"]
+    for step, indices in enumerate(batches):
+        lr = config["max_lr"] * wsd(step + lr_shift, **{k: config[k] for k in SCHEDULE})
+        total = 0.0
+        micro_batches = torch.tensor(indices).chunk(accum)
+        n_targets = sum(blocks[m][:, 1:].numel() for m in micro_batches)
+        for micro in micro_batches:
+            block = blocks[micro]
+            logits = model(input_ids=block[:, :-1]).logits.reshape(-1, 257)
+            if token_sum:
+                loss = F.cross_entropy(logits, block[:, 1:].reshape(-1), reduction="sum") / n_targets
+            else:
+                loss = F.cross_entropy(logits, block[:, 1:].reshape(-1)) / (accum if divide else 1)
+            loss.backward()
+            total = loss.item() * (accum if last_loss else 1) if last_loss else total + loss.item()
+        grads = [p.grad for p in params]
+        norm = clip(grads, config["max_grad_norm"]) if clip_on else torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if decay_all:
+            with torch.no_grad():
+                for p in params:
+                    if p.dim() < 2:
+                        p.mul_(1 - lr * config["weight_decay"])
+        adamw(params, grads, state, lr, tuple(config["betas"]), config["eps"], config["weight_decay"])
+        if zero:
+            for p in params:
+                p.grad = None
+        history["lrs"].append(lr)
+        history["losses"].append(total)
+        history["grad_norms"].append(float(norm))
+    history["state_dict"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return history
+
+
+@pytest.mark.parametrize("options", [
+    dict(divide=False),       # micro-batch losses not divided by grad_accum_steps
+    dict(lr_shift=1),         # the schedule one step ahead
+    dict(clip_on=False),      # no clipping
+    dict(zero=False),         # gradients never reset: they pile up across steps
+    dict(decay_all=True),     # weight decay on norms too
+    dict(last_loss=True),     # reports the last micro-batch's loss
+], ids=lambda o: next(iter(o)))
+def test_train_wrong(options):
+    fails("train", lambda *a: _train(*a, **options))
+
+
+def test_train_with_summed_token_losses_passes():
+    CHECKS["train"](lambda *a: _train(*a, token_sum=True))
