@@ -168,31 +168,53 @@ def check_packed_lm_loss(fn: Callable) -> None:
 
 # --------------------------------------------------------------------------- distillation_loss
 
+def _distillation_reference(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, temperature: float,
+                            alpha: float, ignore_index: int) -> torch.Tensor:
+    v = student.shape[-1]
+    keep = targets.reshape(-1) != ignore_index
+    s, t = student.reshape(-1, v), teacher.reshape(-1, v)
+    kl = F.kl_div(F.log_softmax(s[keep] / temperature, dim=-1), F.log_softmax(t[keep] / temperature, dim=-1),
+                  log_target=True, reduction="batchmean") * temperature ** 2
+    ce = F.cross_entropy(s, targets.reshape(-1), ignore_index=ignore_index)
+    return alpha * kl + (1 - alpha) * ce
+
+
 def check_distillation_loss(fn: Callable) -> None:
-    """``fn(student_logits, teacher_logits, temperature)`` = T**2 * KL(teacher || student) at temperature
-    T, averaged over rows: ``F.kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, reduction='batchmean') * T**2``."""
+    """``fn(student_logits, teacher_logits, targets, temperature, alpha, ignore_index)`` =
+    ``alpha * T**2 * KL(softmax(t/T) || softmax(s/T))`` (``F.kl_div(..., log_target=True,
+    reduction='batchmean')``) ``+ (1 - alpha) * F.cross_entropy(s, targets)``, both over the rows
+    whose target is not ``ignore_index``."""
     g = fresh_generator()
     rng = _rng(g)
-    hint = ("loss = T^2 * mean over rows of sum_j p_t[j] * (log p_t[j] - log p_s[j]), where p_t = softmax(teacher/T) "
-            "and p_s = softmax(student/T), both computed stably; the teacher gets no gradient.")
-    for case in range(9):
-        lead = rng.choice([(rng.randint(1, 6),), (rng.randint(1, 3), rng.randint(1, 5))])
-        v = rng.choice([2, 7, 64, 300])
+    hint = ("loss = alpha * T^2 * mean over counted rows of sum_j p_t[j] * (log p_t[j] - log p_s[j]), with "
+            "p_t = softmax(teacher/T) and p_s = softmax(student/T) computed stably, + (1 - alpha) * the mean "
+            "cross-entropy of the raw student logits (T = 1); rows whose target is ignore_index count in neither "
+            "term; the teacher gets no gradient.")
+    for case in range(10):
+        lead = rng.choice([(rng.randint(2, 6),), (rng.randint(1, 3), rng.randint(2, 5))])
+        v = rng.choice([3, 7, 64, 300])
         scale = [1.0, 20.0, 1e3][case % 3]
-        temperature = rng.choice([1.0, 2.0, 0.5, round(rng.uniform(0.7, 4.0), 3)])
+        temperature = [2.0, 0.5, 1.0][case % 3] if case < 3 else round(rng.uniform(0.7, 4.0), 3)
+        alpha = [0.5, 1.0, 0.0, 0.5][case] if case < 4 else round(rng.uniform(0.1, 0.9), 3)
+        ignore_index = 1 if case == 5 else -100
         student = torch.randn(*lead, v, generator=g) * scale
-        teacher = torch.randn(*lead, v, generator=g) * scale
-        if case == 4:
-            teacher = student.clone()   # identical distributions: the loss is 0
+        teacher = student.clone() if case == 4 else torch.randn(*lead, v, generator=g) * scale
+        targets = torch.randint(0, v, lead, generator=g)
+        flat = targets.view(-1)
+        for i in range(flat.numel()):
+            if rng.random() < 0.3:
+                flat[i] = ignore_index
+        flat[0] = 0 if ignore_index != 0 else 2            # at least one counted row
+        if case != 2:
+            flat[-1] = ignore_index                        # and at least one ignored row
         s64 = student.double().requires_grad_()
-        t64 = teacher.double()
-        expected = F.kl_div(F.log_softmax(s64.reshape(-1, v) / temperature, dim=-1),
-                            F.log_softmax(t64.reshape(-1, v) / temperature, dim=-1),
-                            log_target=True, reduction="batchmean") * temperature ** 2
+        expected = _distillation_reference(s64, teacher.double(), targets, temperature, alpha, ignore_index)
         (expected_grad,) = torch.autograd.grad(expected, s64)
         what = (f"distillation_loss(student and teacher logits {tuple(student.shape)} of magnitude ~{scale:g}, "
-                f"temperature={temperature})")
-        out, grads, _ = value_and_grad(fn, student.clone().requires_grad_(), teacher.clone(), temperature)
+                f"targets with {int((targets == ignore_index).sum())} of {targets.numel()} = ignore_index {ignore_index}, "
+                f"temperature={temperature}, alpha={alpha})")
+        out, grads, _ = value_and_grad(fn, student.clone().requires_grad_(), teacher.clone(), targets.clone(),
+                                       temperature, alpha, ignore_index)
         out = as_tensor(out, what)
         if out.numel() != 1:
             raise AssertionError(f"{what}: expected a single number, got shape {tuple(out.shape)}")
@@ -202,6 +224,12 @@ def check_distillation_loss(fn: Callable) -> None:
         assert_close(out.reshape(()), expected.detach(), what, rtol=1e-4, atol=1e-5 * max(1.0, scale), hint=hint)
         assert_close(grads[0], expected_grad, what + ": gradient wrt the student logits", rtol=1e-3,
                      atol=1e-6 + 1e-4 * float(expected_grad.abs().max()), hint=hint)
+    # every row ignored: nan, as torch
+    student, teacher = torch.randn(3, 5, generator=g), torch.randn(3, 5, generator=g)
+    what = "distillation_loss with every target = ignore_index (-100)"
+    got = as_tensor(fn(student, teacher, torch.full((3,), -100), 2.0, 0.5, -100), what)
+    assert_close(got.reshape(()), torch.tensor(float("nan")), what,
+                 hint="no counted row: the means are 0 / 0 = nan, as torch's; do not guard them")
 
 
 # --------------------------------------------------------------------------- ChunkedCrossEntropy

@@ -161,44 +161,63 @@ def _log_probs(z):
 
 
 def _distill(power: int = 2, reverse: bool = False, per_element: bool = False, student_only_t: bool = False,
-             naive: bool = False):
-    def distillation_loss(student_logits, teacher_logits, temperature=1.0):
+             naive: bool = False, kl_on_every_row: bool = False, ce_at_temperature: bool = False,
+             swap_alpha: bool = False):
+    """A distillation loss with switches for the usual mistakes."""
+
+    def distillation_loss(student_logits, teacher_logits, targets, temperature=1.0, alpha=0.5, ignore_index=-100):
         v = student_logits.shape[-1]
-        s = student_logits.reshape(-1, v) / temperature
-        t = teacher_logits.reshape(-1, v) / (1.0 if student_only_t else temperature)
+        keep = targets.reshape(-1) != ignore_index
+        every = torch.ones_like(keep)
+        s_all, t_all = student_logits.reshape(-1, v), teacher_logits.reshape(-1, v)
+        s = s_all[every if kl_on_every_row else keep] / temperature
+        t = t_all[every if kl_on_every_row else keep] / (1.0 if student_only_t else temperature)
         if naive:
-            ls, lt = torch.log(torch.exp(s) / torch.exp(s).sum(-1, keepdim=True)), torch.log(
-                torch.exp(t) / torch.exp(t).sum(-1, keepdim=True))
+            ls = torch.log(torch.exp(s) / torch.exp(s).sum(-1, keepdim=True))
+            lt = torch.log(torch.exp(t) / torch.exp(t).sum(-1, keepdim=True))
         else:
             ls, lt = _log_probs(s), _log_probs(t)
         if reverse:
             ls, lt = lt, ls
-        kl = torch.exp(lt) * (lt - ls)
-        value = kl.mean() if per_element else kl.sum(-1).mean()
-        return temperature ** power * value
+        kl_terms = torch.exp(lt) * (lt - ls)
+        kl = kl_terms.mean() if per_element else kl_terms.sum(-1).mean()
+        ce_logits = s_all[keep] / (temperature if ce_at_temperature else 1.0)
+        nll = -_log_probs(ce_logits).gather(-1, targets.reshape(-1)[keep].unsqueeze(-1)).mean()
+        a = 1 - alpha if swap_alpha else alpha
+        return a * temperature ** power * kl + (1 - a) * nll
 
     return distillation_loss
 
 
-def _distill_cross_entropy_minus_entropy(student_logits, teacher_logits, temperature=1.0):
-    """Correct, unusual: cross-entropy against the teacher minus the teacher's entropy, in float64."""
+def _distill_cross_entropy_minus_entropy(student_logits, teacher_logits, targets, temperature=1.0, alpha=0.5,
+                                         ignore_index=-100):
+    """Correct, unusual: weights instead of indexing, cross-entropy against the teacher minus the
+    teacher's entropy, in float64."""
     v = student_logits.shape[-1]
+    weight = (targets.reshape(-1) != ignore_index).double()
+    safe = torch.where(weight > 0, targets.reshape(-1), torch.zeros_like(targets.reshape(-1)))
     ls = _log_probs(student_logits.reshape(-1, v).double() / temperature)
     lt = _log_probs(teacher_logits.reshape(-1, v).double() / temperature)
     pt = torch.exp(lt)
-    cross = -(pt * ls).sum(-1)
-    entropy = -(pt * lt).sum(-1)
-    return (temperature * temperature * (cross - entropy).mean()).float()
+    per_row_kl = -(pt * ls).sum(-1) + (pt * lt).sum(-1)
+    per_row_ce = -_log_probs(student_logits.reshape(-1, v).double()).gather(-1, safe[:, None]).squeeze(-1)
+    n = weight.sum()
+    total = alpha * temperature * temperature * (per_row_kl * weight).sum() / n + (1 - alpha) * (per_row_ce * weight).sum() / n
+    return total.float()
 
 
 DISTILL_WRONG = {"stub": stub, "no T squared": _distill(power=0), "T instead of T squared": _distill(power=1),
                  "KL the other way round": _distill(reverse=True), "mean over every element": _distill(per_element=True),
-                 "temperature on the student only": _distill(student_only_t=True), "log of a softmax": _distill(naive=True)}
+                 "temperature on the student only": _distill(student_only_t=True), "log of a softmax": _distill(naive=True),
+                 "KL over ignored rows too": _distill(kl_on_every_row=True),
+                 "cross-entropy at temperature T": _distill(ce_at_temperature=True),
+                 "alpha on the wrong term": _distill(swap_alpha=True)}
 
 
 def test_distillation_loss_solution_and_unusual_pass():
     CHECKS["distillation_loss"](NS["distillation_loss"])
     CHECKS["distillation_loss"](_distill_cross_entropy_minus_entropy)
+    CHECKS["distillation_loss"](_distill())
 
 
 @pytest.mark.parametrize("name", list(DISTILL_WRONG))
