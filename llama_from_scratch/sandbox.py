@@ -183,7 +183,7 @@ def _read(path: str) -> str:
 
 def _readable_roots() -> list[str]:
     """What the student's Python needs to read: the system, the interpreter and its libraries."""
-    roots = {"/usr", "/etc", sys.base_prefix, sys.prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    roots = {"/usr", sys.base_prefix, sys.prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
     roots.update(p for p in sys.path if p and "-packages" in p and os.path.isdir(p))
     for p in ("/opt/conda",):
         if os.path.isdir(p) and sys.prefix.startswith(p):
@@ -205,6 +205,10 @@ def _hidden_paths(roots: list[str]) -> list[str]:
     return [p for p in hidden if any(p.startswith(r.rstrip("/") + "/") for r in roots)]
 
 
+_ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "nsswitch.conf", "hosts", "passwd", "group",
+              "alternatives", "ssl", "ca-certificates", "mime.types", "os-release", "fonts", "matplotlibrc")
+
+
 def _bwrap_command(lib_dir: str, limits: Limits) -> list[str]:
     cmd = [shutil.which("bwrap") or "bwrap", "--unshare-all", *_privilege_drop(), "--die-with-parent", "--new-session",
            "--proc", "/proc", "--dev", "/dev"]
@@ -217,6 +221,10 @@ def _bwrap_command(lib_dir: str, limits: Limits) -> list[str]:
     roots = _readable_roots()
     for root in roots:
         cmd += ["--ro-bind", root, root]
+    for name in _ETC_FILES:  # what the dynamic linker and Python's libraries read; not /etc/shadow & co
+        path = os.path.join("/etc", name)
+        if os.path.exists(path):
+            cmd += ["--ro-bind", path, path]
     for hidden in _hidden_paths(roots):
         cmd += ["--tmpfs", hidden]
     cmd += ["--size", str(limits.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp",

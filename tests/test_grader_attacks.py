@@ -146,6 +146,7 @@ def probe(target):
         except BaseException as exc:
             report[name] = "refused: " + type(exc).__name__
     attempt("read_target", lambda: open(target).read()[:20])
+    attempt("read_shadow", lambda: open("/etc/shadow").read()[:20])
     attempt("list_target_dir", lambda: os.listdir(os.path.dirname(target)))
     attempt("write_root", lambda: open("/lfs-evil", "w").write("x"))
     attempt("write_target_dir", lambda: open(os.path.join(os.path.dirname(target), "evil.txt"), "w").write("x"))
@@ -200,7 +201,7 @@ def test_the_sandbox_hides_the_machine(tmp_path: Path, monkeypatch: pytest.Monke
     grade_notebook(nb, checks={"probe": check_probe}, forbidden={}, limits=limits, isolation="sandbox")
     assert seen, "the probe did not run"
     assert seen["read_target"].startswith("refused") and seen["list_target_dir"].startswith("refused"), seen
-    assert seen["write_target_dir"].startswith("refused")
+    assert seen["write_target_dir"].startswith("refused") and seen["read_shadow"].startswith("refused")
     assert not Path("/lfs-evil").exists() and not (target.parent / "evil.txt").exists()  # writes stay inside
     assert seen["tcp"].startswith("refused"), seen["tcp"]  # its own network namespace: nobody listens there
     server.settimeout(0.5)
