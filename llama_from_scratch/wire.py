@@ -160,12 +160,13 @@ class Encoder:
 
     def _tensor(self, t: torch.Tensor) -> dict[str, Any]:
         key = str(len(self.tensors))
+        requires_grad = t.requires_grad
         t = t.detach().cpu()
         meta: dict[str, Any] = {"__tensor__": key}
         if t.is_complex():
             meta["complex"] = True
             t = torch.view_as_real(t)
-        if t.requires_grad or getattr(t, "_lfs_requires_grad", False):
+        if requires_grad:
             meta["requires_grad"] = True
         self.tensors[key] = t.clone().contiguous()
         return meta

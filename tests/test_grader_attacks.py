@@ -301,6 +301,8 @@ def test_answers_travel_as_data_only() -> None:
     out = wire.Decoder(enc.tensors).decode(header)
     assert torch.equal(out["t"], torch.arange(3.0)) and out[(1, 2)][0] == b"x" and out[(1, 2)][2] == {1, 2}
     assert out["c"].is_complex()
+    leaf = torch.randn(3, requires_grad=True)  # the student's side gets a leaf it can differentiate
+    assert wire.Decoder((enc := wire.Encoder()).tensors).decode(enc.encode(leaf)).requires_grad
     for bad in ({"__tensor__": "9"}, {"__pickle__": "x"}, {"__handle__": 1}, {"__construct__": "os.system", "args": [], "kwargs": {}}):
         with pytest.raises(wire.WireError):
             wire.Decoder({}).decode(bad)
