@@ -116,12 +116,17 @@ def bubblewrap_problem() -> str | None:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return "bwrap is not installed"
-    cmd = [bwrap, "--unshare-all", *_privilege_drop(), "--die-with-parent", "--ro-bind", "/", "/", "--proc", "/proc",
-           "--dev", "/dev", "true"]
+    workdir = tempfile.mkdtemp(prefix="lfs-grade-probe-")
     try:
-        done = subprocess.run(cmd, capture_output=True, timeout=30)
+        os.chmod(workdir, 0o755)
+        lib = os.path.join(workdir, "grader")
+        os.mkdir(lib)
+        cmd = _bwrap_command(lib, Limits(), workdir) + [sys.executable, "-s", "-c", "pass"]
+        done = subprocess.run(cmd, capture_output=True, timeout=60, env=_child_env())
     except (OSError, subprocess.SubprocessError) as exc:
         return f"bwrap failed to run: {exc}"
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
     if done.returncode != 0:
         return f"bwrap cannot create namespaces here: {done.stderr.decode(errors='replace').strip()[:300]}"
     return None
@@ -142,11 +147,15 @@ def isolation_mode(requested: str = "auto") -> str:
     return "unsafe"
 
 
-def _privilege_drop() -> list[str]:
-    """bubblewrap options that make the graded code an unprivileged user: ``nobody`` in its own user
-    namespace, with no capabilities anywhere (so its rlimits cannot be raised, and a grader running
-    as root hands none of root's powers to it)."""
-    return ["--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY), "--cap-drop", "ALL"]
+def _stages_as_nobody() -> bool:
+    """When the grader is root, the sandbox is entered as the real user ``nobody``. Its Python may
+    live where ``nobody`` cannot reach (``/root/.pyenv``), so a private mount namespace first binds
+    what it needs to a reachable place (``unshare`` and ``setpriv`` from util-linux)."""
+    return hasattr(os, "geteuid") and os.geteuid() == 0 and all(shutil.which(t) for t in ("unshare", "setpriv", "mount"))
+
+
+# Bind each "SOURCE TARGET" pair given before "--", then run the rest of the command line.
+_STAGE_SCRIPT = 'while [ "$1" != "--" ]; do mount --bind "$1" "$2" || exit 97; shift 2; done; shift; exec "$@"'
 
 
 _PIDS_CGROUP_ROOTS = ("/sys/fs/cgroup/pids", "/sys/fs/cgroup")
@@ -209,18 +218,33 @@ _ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "nsswitc
               "alternatives", "ssl", "ca-certificates", "mime.types", "os-release", "fonts", "matplotlibrc")
 
 
-def _bwrap_command(lib_dir: str, limits: Limits) -> list[str]:
-    cmd = [shutil.which("bwrap") or "bwrap", "--unshare-all", *_privilege_drop(), "--die-with-parent", "--new-session",
-           "--proc", "/proc", "--dev", "/dev"]
+def _bwrap_command(lib_dir: str, limits: Limits, stage_dir: str) -> list[str]:
+    """The command line that starts a program in the sandbox (append the program's argv)."""
+    roots = _readable_roots()
+    sources = {root: root for root in roots}
+    prefix: list[str] = []
+    if _stages_as_nobody():
+        pairs: list[str] = []
+        for i, root in enumerate(roots):
+            target = os.path.join(stage_dir, f"root{i}")
+            os.makedirs(target, exist_ok=True)
+            pairs += [root, target]
+            sources[root] = target
+        prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c", _STAGE_SCRIPT, "sh", *pairs, "--",
+                  "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all"]
+        user = ["--unshare-user"]
+    else:  # not root: the grader's own user, seen as nobody inside its user namespace
+        user = ["--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY)]
+    cmd = prefix + [shutil.which("bwrap") or "bwrap", "--unshare-all", *user, "--cap-drop", "ALL", "--die-with-parent",
+                    "--new-session", "--proc", "/proc", "--dev", "/dev"]
     for name in ("bin", "lib", "lib32", "lib64", "sbin"):
         path = f"/{name}"
         if os.path.islink(path):
             cmd += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             cmd += ["--ro-bind", path, path]
-    roots = _readable_roots()
     for root in roots:
-        cmd += ["--ro-bind", root, root]
+        cmd += ["--ro-bind", sources[root], root]
     for name in _ETC_FILES:  # what the dynamic linker and Python's libraries read; not /etc/shadow & co
         path = os.path.join("/etc", name)
         if os.path.exists(path):
@@ -330,7 +354,7 @@ class Sandbox:
         python = [sys.executable, "-s", "-B"]
         if sandboxed:
             script = "/grader/sandbox_worker.py"
-            cmd = _bwrap_command(lib, self.limits) + python + [script, str(req_r), str(rep_w), str(max_bytes)]
+            cmd = _bwrap_command(lib, self.limits, self.workdir) + python + [script, str(req_r), str(rep_w), str(max_bytes)]
             cwd = "/"
         else:
             scratch = os.path.join(self.workdir, "work")
@@ -341,10 +365,16 @@ class Sandbox:
         env = _child_env()
         if not sandboxed:
             env.update(HOME=cwd, TMPDIR=cwd, MPLCONFIGDIR=cwd)
-        # The process-count limit: RLIMIT_NPROC counts every process of this user, and does not
-        # hold for root at all, so root uses a pids cgroup where it can make one.
-        self.cgroup = _make_pids_cgroup(self.limits.processes) if os.geteuid() == 0 else None
-        nproc = None if os.geteuid() == 0 else _count_own_processes() + self.limits.processes
+        # The process-count limit. RLIMIT_NPROC counts every process of the user, across sandboxes:
+        # as root (the sandbox then runs as nobody) a pids cgroup per sandbox is preferred where the
+        # machine lets us make one, with RLIMIT_NPROC as a backstop; otherwise RLIMIT_NPROC alone.
+        self.cgroup = _make_pids_cgroup(self.limits.processes) if sandboxed and os.geteuid() == 0 else None
+        if sandboxed and _stages_as_nobody():
+            nproc = self.limits.processes * (8 if self.cgroup else 1)
+        elif os.geteuid() != 0:
+            nproc = _count_own_processes() + self.limits.processes
+        else:
+            nproc = None
         try:
             self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.PIPE, pass_fds=(req_r, rep_w),

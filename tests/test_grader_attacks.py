@@ -139,7 +139,7 @@ def test_exit_status_of_the_plain_grader_is_the_verdict(tmp_path: Path, isolatio
 PROBE = r'''
 import os, socket, resource, json
 def probe(target):
-    report = {"uid": os.getuid(), "pid": os.getpid()}
+    report = {"uid": os.getuid(), "pid": os.getpid(), "uid_map": open("/proc/self/uid_map").read().split()}
     def attempt(name, fn):
         try:
             report[name] = repr(fn())
@@ -215,6 +215,8 @@ def test_the_sandbox_hides_the_machine(tmp_path: Path, monkeypatch: pytest.Monke
     assert max(seen["pids_visible"]) < 10, "the student's process sees processes outside its sandbox"
     assert seen["children"] < limits.processes, f"forked {seen['children']} processes"
     assert seen["uid"] != 0
+    outside_uid = int(seen["uid_map"][1])  # what the kernel sees outside the sandbox's user namespace
+    assert outside_uid != 0 or os.geteuid() != 0, "a root grader's sandbox must not be root outside"
     server.close()
 
 
