@@ -249,14 +249,14 @@ def test_reward_model_gather_and_position_ids_passes():
 # ---------------------------------------------------------------------------------------------- train_reward_model
 
 def trainer(pad=lambda model: model.config.pad_token_id, decay=None, divide=True, warmup=True, clip=True,
-            interleave=False):
+            interleave=False, default_eps=False):
     """A train_reward_model variant."""
 
     def train_reward_model(model, batches, lr=1e-4, warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
-                           micro_batch_size=None, center_rewards_coefficient=None):
+                           adam_epsilon=1e-8, micro_batch_size=None, center_rewards_coefficient=None):
         pad_id = pad(model)
         kwargs = {} if decay == "default" else {"weight_decay": weight_decay}
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, **kwargs)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, eps=1e-8 if default_eps else adam_epsilon, **kwargs)
         losses = []
         for step, batch in enumerate(batches):
             factor = min(1.0, (step + 1) / warmup_steps) if warmup and warmup_steps else 1.0
@@ -297,6 +297,7 @@ def trainer(pad=lambda model: model.config.pad_token_id, decay=None, divide=True
     trainer(warmup=False),                        # no warm-up
     trainer(clip=False),                          # no clipping
     trainer(interleave=True),                     # chosen/rejected interleaved but split in halves
+    trainer(default_eps=True),                    # adam_epsilon ignored (torch's 1e-8)
 ])
 def test_train_reward_model_wrong(wrong):
     fails("train_reward_model", wrong)
@@ -304,8 +305,8 @@ def test_train_reward_model_wrong(wrong):
 
 def test_train_reward_model_scheduler_and_pad_sequence_passes():
     def train_reward_model(model, batches, lr=1e-4, warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
-                           micro_batch_size=None, center_rewards_coefficient=None):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+                           adam_epsilon=1e-8, micro_batch_size=None, center_rewards_coefficient=None):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, eps=adam_epsilon, weight_decay=weight_decay)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
         losses = []
