@@ -355,7 +355,7 @@ class Worker:
                     setattr(target, str(header["attr"]), args[0])
                     value = None
                 elif op == "value_and_grad":
-                    value = _value_and_grad(target, tuple(args), kwargs, dec.decode(header.get("grad_output")))
+                    value = value_and_grad(target, tuple(args), kwargs, dec.decode(header.get("grad_output")))
                 else:
                     fn = getattr(target, str(header["attr"])) if header.get("attr") else target
                     value = fn(*args, **kwargs)
@@ -394,7 +394,9 @@ def _changed(args: Any, versions: dict[int, int]) -> dict[int, Any]:
     return out
 
 
-def _value_and_grad(fn: Any, args: tuple, kwargs: dict, grad_output: Any) -> Any:
+def value_and_grad(fn: Any, args: tuple, kwargs: dict, grad_output: Any) -> Any:
+    """Call ``fn``, backpropagate ``grad_output`` (``None`` for a scalar) and return (output,
+    grads of the tensor arguments that require grad, grads of fn's parameters by name)."""
     import torch
 
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
