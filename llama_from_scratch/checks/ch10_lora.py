@@ -218,8 +218,10 @@ def _forward_and_merge(cls: Callable, rng: random.Random, gen: torch.Generator, 
     if trainable != want:
         raise AssertionError(f"{what}: the parameters that train are {trainable}; exactly {want} should "
                              "(freeze the base layer's weight and bias)")
-    for pname, theirs in [("lora_A.weight", ref.lora_A["default"].weight), ("lora_B.weight", ref.lora_B["default"].weight)] + (
-            [("lora_magnitude_vector", ref.lora_magnitude_vector["default"].weight)] if dora else []):
+    references = [("lora_A.weight", ref.lora_A["default"].weight), ("lora_B.weight", ref.lora_B["default"].weight)]
+    if dora:
+        references.append(("lora_magnitude_vector", ref.lora_magnitude_vector["default"].weight))
+    for pname, theirs in references:
         grad_tol = {"rtol": tol["rtol"] if dtype == torch.float64 else 1e-4,
                     "atol": tol["atol"] * max(1.0, float(theirs.grad.abs().max()))}
         if dtype != torch.float64:
@@ -371,7 +373,8 @@ def _cases(rng: random.Random) -> list[dict[str, Any]]:
                             f"layers.{rng.randrange(2, 10)}.mlp.gate_proj", "self_attn.k_proj"]},
         {"target_modules": rf"(k|o)_proj|.*\.layers\.[0-{k}]\.self_attn\.(k|o)_proj"},
         {"target_modules": "all-linear"},
-        dict(zip(("rank_pattern", "alpha_pattern"), _random_patterns(rng)), target_modules=["q_proj", "v_proj", "down_proj"]),
+        dict(zip(("rank_pattern", "alpha_pattern"), _random_patterns(rng)),
+             target_modules=["q_proj", "v_proj", "down_proj"]),
     ]
 
 
@@ -406,7 +409,8 @@ def _tiny_llama(cfg: dict[str, Any], gen: torch.Generator) -> tuple[nn.Module, d
     return model, state, remote
 
 
-def _peft_model(model: nn.Module, kwargs: dict[str, Any], r: int, alpha: float) -> tuple[nn.Module | None, dict[str, int]]:
+def _peft_model(model: nn.Module, kwargs: dict[str, Any], r: int,
+                alpha: float) -> tuple[nn.Module | None, dict[str, int]]:
     """PEFT on ``model`` with the same arguments: (model or None if PEFT refuses, {adapted module: rank})."""
     peft = _peft()
     config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=kwargs["target_modules"],
@@ -460,7 +464,8 @@ def check_apply_lora(fn: Callable) -> None:
             frozen.append("lm_head.weight")
         others = [k for k in sd if ".lora_" not in k and k != "lm_head.weight"]
         adapters = [n + s for n in ours for s in (".lora_A.weight", ".lora_B.weight")]
-        for key in sorted(set(frozen + rng.sample(others, min(6, len(others))))) + rng.sample(adapters, min(8, len(adapters))):
+        sample = sorted(set(frozen + rng.sample(others, min(6, len(others)))))
+        for key in sample + rng.sample(adapters, min(8, len(adapters))):
             p = model.get_parameter(key)
             if bool(p.requires_grad) != (".lora_" in key):
                 raise AssertionError(f"{what}: parameter {key} has requires_grad={bool(p.requires_grad)}; only the "

@@ -131,8 +131,9 @@ DORA_WRONG = {
         "base = result if self.base_layer.bias is None else result - self.base_layer.bias", "base = result"),
     "norm of W alone": ("torch.linalg.norm(weight + self.get_delta_weight().detach(), dim=1)",
                         "torch.linalg.norm(weight, dim=1)"),
-    "merge forgets the magnitude": ("weight.copy_((self.lora_magnitude_vector / self.norm)[:, None] * (weight + delta))",
-                                    "weight.copy_(weight + delta)"),
+    "merge forgets the magnitude": (
+        "weight.copy_((self.lora_magnitude_vector / self.norm)[:, None] * (weight + delta))",
+        "weight.copy_(weight + delta)"),
     "dropout ignored": ("if isinstance(self.lora_dropout, nn.Identity) or not self.training:", "if True:"),
 }
 

@@ -108,12 +108,14 @@ LINEAR_WRONG = {
     "offset forgotten when dequantizing": ("DYNAMIC_MAP[self.absmax_q.long()] * absmax2 + self.absmax_offset",
                                            "DYNAMIC_MAP[self.absmax_q.long()] * absmax2"),
     "second-level scales tiled, not repeated": ("self.absmax2.repeat_interleave(256)", "self.absmax2.repeat(256)"),
-    "low nibble first": ("torch.stack([packed >> 4, packed & 15], dim=1)", "torch.stack([packed & 15, packed >> 4], dim=1)"),
+    "low nibble first": ("torch.stack([packed >> 4, packed & 15], dim=1)",
+                         "torch.stack([packed & 15, packed >> 4], dim=1)"),
     "computed in x's dtype": ("return F.linear(x.to(self.compute_dtype), weight, bias).to(x.dtype)",
                               "return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))"),
     "result left in compute_dtype": ("return F.linear(x.to(self.compute_dtype), weight, bias).to(x.dtype)",
                                      "return F.linear(x.to(self.compute_dtype), weight, bias)"),
-    "bias trainable": ("nn.Parameter(bias.detach().clone(), requires_grad=False)", "nn.Parameter(bias.detach().clone())"),
+    "bias trainable": ("nn.Parameter(bias.detach().clone(), requires_grad=False)",
+                       "nn.Parameter(bias.detach().clone())"),
 }
 
 
@@ -146,7 +148,8 @@ STEP_WRONG = {
     "block size ignored": ("LinearNF4(linear.weight.detach(), linear.bias, blocksize, double_quant)",
                            "LinearNF4(linear.weight.detach(), linear.bias, 64, double_quant)"),
     "SGD instead of AdamW": ("torch.optim.AdamW(params.values(), lr=lr)", "torch.optim.SGD(params.values(), lr=lr)"),
-    "Adam without weight decay": ("torch.optim.AdamW(params.values(), lr=lr)", "torch.optim.Adam(params.values(), lr=lr)"),
+    "Adam without weight decay": ("torch.optim.AdamW(params.values(), lr=lr)",
+                                  "torch.optim.Adam(params.values(), lr=lr)"),
     "no optimizer step": ("    optimizer.step()\n", ""),
     "adapters not loaded": (
         "missing, unexpected = model.load_state_dict(adapters, strict=False)", "missing, unexpected = [], []"),
