@@ -6,15 +6,18 @@
   ``LoraConfig(r, lora_alpha, lora_dropout, use_rslora, use_dora)``). Initialization, outputs,
   gradients (of the input and of every trainable parameter), merged and unmerged weights are
   compared; dropout is checked by its effect (only the adapter branch sees it).
-* ``apply_lora``: a tiny transformers Llama built on the learner's side; the same weights go into
-  a second copy that ``peft.get_peft_model(LoraConfig(target_modules, r, lora_alpha, rank_pattern,
-  alpha_pattern))`` adapts. The adapted modules, their ranks, which parameters train, and the
-  logits with random adapters are compared.
+* ``apply_lora``: a tiny transformers Llama (12 layers) with random weights drawn here is built
+  twice, on the learner's side (``from_pretrained(None, config=..., state_dict=...)``) for the
+  learner's function and here for ``peft.get_peft_model(LoraConfig(target_modules, r, lora_alpha,
+  rank_pattern, alpha_pattern))``. The adapted modules, their ranks, which parameters train, and
+  the logits once both get the same random adapters are compared; targets PEFT refuses must raise
+  ``ValueError``.
 
 Inputs (sizes, ranks, alphas, weights, targets, patterns) are drawn afresh at every run.
-Measured on PEFT 0.21 / torch 2.13 (CPU): the solution gives PEFT's float32 outputs and gradients
-bit for bit (``x A^T B^T`` in another order differs by ~1e-7 relative, hence the tolerances), and
-its logits on the tiny Llama to ~1e-7.
+Measured on PEFT 0.21 / torch 2.13 (CPU): the solution gives PEFT's outputs, gradients and merged
+weights bit for bit in float32, float64 and bfloat16 (LoRA; DoRA to 1-2 float32 ulps, because PEFT
+forms ``B A`` through ``lora_B(lora_A(I))``), and the same logits on the tiny Llama. The tolerances
+leave room for products taken in another order (a few float32 ulps; one bfloat16 rounding).
 """
 
 from __future__ import annotations
