@@ -162,9 +162,10 @@ def _check_init(cls: Callable, rng: random.Random, dora: bool = False) -> None:
             if abs(std / ref_std - 1) > 0.15 or top < 0.9 * bound:
                 raise AssertionError(f"{what}: lora_A has std {std:.4g} and max {top:.4g}; PEFT draws it uniformly "
                                      "in [-1/sqrt(in_features), 1/sqrt(in_features)] (kaiming_uniform_(a=sqrt(5)))")
-            first_a = a
         if torch.unique(a).numel() < a.numel() // 2:
             raise AssertionError(f"{what}: lora_A is not random")
+        if first_a is None:
+            first_a = a
         if dora:
             expected = torch.linalg.norm(sd["base_layer.weight"], dim=1).to(want)
             assert_close(sd["lora_magnitude_vector"], expected, f"{what}: the initial lora_magnitude_vector",
@@ -172,7 +173,7 @@ def _check_init(cls: Callable, rng: random.Random, dora: bool = False) -> None:
                          "W + scaling * B A, with B = 0: the norm of W's rows, taken in W's dtype")
     d_in, d_out, r = cases[0][:3]
     again = cls(Construct("torch.nn.Linear", d_in, d_out, bias=True), r=r, alpha=2 * r).state_dict()["lora_A.weight"]
-    if first_a is not None and torch.equal(first_a, again):
+    if torch.equal(first_a, again):
         raise AssertionError(f"{name}: two layers got the same lora_A: draw it at random in each __init__")
 
 
