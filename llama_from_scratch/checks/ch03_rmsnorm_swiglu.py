@@ -156,7 +156,8 @@ def _rms_cases(rng: random.Random, g: torch.Generator) -> list[tuple[str, torch.
     layer = rng.randrange(SMOLLM2_LAYERS)
     which = rng.choice(["attn_norm", "ffn_norm"])
     cases = [(f"SmolLM2 layer {layer}'s {which} (dim 576, eps 1e-5) on x of shape (2, 5, 576)",
-              torch.randn(2, 5, SMOLLM2_DIM, generator=g) * 3, smollm2_tensor(f"blk.{layer}.{which}.weight"), SMOLLM2_EPS)]
+              torch.randn(2, 5, SMOLLM2_DIM, generator=g) * 3, smollm2_tensor(f"blk.{layer}.{which}.weight"),
+              SMOLLM2_EPS)]
     for scale in (1.0, 1e-3, 50.0, 1.0, 1e-2):
         dim = _odd_dim(rng)
         shape = _leading_shape(rng) + (dim,)
@@ -191,7 +192,8 @@ def check_rms_norm_backward(fn: Callable) -> None:
     got = _call(fn, "rms_norm_backward(x, weight, grad_output) with the default eps", x, weight, grad_output)
     if not isinstance(got, (tuple, list)) or len(got) != 2:
         raise AssertionError("rms_norm_backward: return a tuple (grad_x, grad_weight)")
-    assert_close(got[0], ref_x, "rms_norm_backward(x, weight, grad_output) with the default eps, x of scale 1e-3: grad_x",
+    assert_close(got[0], ref_x,
+                 "rms_norm_backward(x, weight, grad_output) with the default eps, x of scale 1e-3: grad_x",
                  rtol=1e-4, atol=_scaled_atol(ref_x, 1e-5), hint="The default eps is 1e-6, as in LlamaRMSNorm.")
 
 
@@ -299,8 +301,8 @@ def check_RMSNorm(cls: Callable) -> None:  # noqa: N802 - named after the class 
                           "the weight. " + RMS_MODULE_HINT)
         differ = float((got != expected).float().mean())
         if differ > 0.01:
-            raise AssertionError(f"{where}, module and x in {dtype}: {differ:.0%} of the values differ from LlamaRMSNorm "
-                                 "by one unit in the last place; " + RMS_MODULE_HINT)
+            raise AssertionError(f"{where}, module and x in {dtype}: {differ:.0%} of the values differ from "
+                                 "LlamaRMSNorm by one unit in the last place; " + RMS_MODULE_HINT)
 
 
 # ----- swiglu_backward --------------------------------------------------------------------------
@@ -385,7 +387,8 @@ def check_SwiGLU(cls: Callable) -> None:  # noqa: N802 - named after the class i
     for name, expected in ref_params.items():
         assert_close(param_grads.get(name), expected, f"{what}: gradient of {name}", rtol=1e-4,
                      atol=_scaled_atol(expected, 1e-5),
-                     hint="backward returns one gradient per input of forward, in the same order. " + SWIGLU_BACKWARD_HINT)
+                     hint="backward returns one gradient per input of forward, in the same order. "
+                          + SWIGLU_BACKWARD_HINT)
 
     # random odd sizes, any leading shape
     for _ in range(2):

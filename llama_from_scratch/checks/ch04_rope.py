@@ -150,8 +150,8 @@ def _rope_configs(rng: random.Random) -> list[tuple[dict[str, Any], int | None]]
         if partial:
             params["partial_rotary_factor"] = rng.choice([0.25, 0.5, 0.75])
         max_pos = rng.choice([2048, 4096, 8192, 131072])
-        seq_len = {"none": None, "shorter": rng.randrange(1, max_pos), "longer": rng.randrange(max_pos + 1, 4 * max_pos),
-                   None: None}[length]
+        seq_len = {"none": None, "shorter": rng.randrange(1, max_pos),
+                   "longer": rng.randrange(max_pos + 1, 4 * max_pos), None: None}[length]
         if rope_type == "linear":
             params["factor"] = rng.choice([2.0, 4.0, 8.0, round(rng.uniform(1.1, 16.0), 2)])
         elif rope_type == "dynamic":
@@ -173,7 +173,8 @@ ROPE_HINT = {
     "linear": "Position interpolation: the default frequencies (of the rotary dimension, head_dim * "
               "partial_rotary_factor) divided by factor.",
     "dynamic": "Dynamic NTK: seq_len = max(seq_len, max_position_embeddings) (max_position_embeddings when seq_len "
-               "is None); theta' = theta * (factor * seq_len / max_position_embeddings - (factor - 1)) ** (dim / (dim - 2)); "
+               "is None); theta' = theta * (factor * seq_len / max_position_embeddings - (factor - 1)) "
+               "** (dim / (dim - 2)); "
                "then the default formula with theta'.",
     "llama3": "Llama 3: keep the pairs with wavelength 2*pi/inv_freq < original / high_freq_factor, divide those with "
               "wavelength > original / low_freq_factor by factor, blend the others with "

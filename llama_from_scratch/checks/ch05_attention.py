@@ -49,7 +49,8 @@ def _reference_mask(padding_mask: torch.Tensor, q_len: int, sliding_window: int 
     from transformers.masking_utils import causal_mask_function, sdpa_mask, sliding_window_causal_mask_function
 
     batch, kv_len = padding_mask.shape
-    mask_function = causal_mask_function if sliding_window is None else sliding_window_causal_mask_function(sliding_window)
+    mask_function = (causal_mask_function if sliding_window is None
+                     else sliding_window_causal_mask_function(sliding_window))
     return sdpa_mask(batch_size=batch, q_length=q_len, kv_length=kv_len, q_offset=kv_len - q_len,
                      mask_function=mask_function, attention_mask=padding_mask.bool(), allow_is_causal_skip=False)
 
@@ -91,7 +92,8 @@ def check_attention_mask_4d(fn: Callable) -> None:
         expected = _reference_mask(padding_mask, q_len, window)
         what = (f"attention_mask_4d(padding_mask of shape {tuple(given.shape)} ({given.dtype}, {style} padding), "
                 f"q_len={q_len}" + (f", sliding_window={window})" if window is not None else ")"))
-        got = _call(fn, what, given.clone(), q_len, window) if window is not None else _call(fn, what, given.clone(), q_len)
+        args = (given.clone(), q_len) + ((window,) if window is not None else ())
+        got = _call(fn, what, *args)
         got = as_tensor(got, what)
         if got.dtype != torch.bool:
             raise AssertionError(f"{what}: expected dtype torch.bool, got {got.dtype}. {MASK_HINT}")
@@ -149,8 +151,8 @@ def check_flash_attention(fn: Callable) -> None:
             assert_equal(x, original, f"{what} changed {name} in place", hint="Leave the inputs unchanged.")
         hint = FLASH_HINT
         if causal and t < s:
-            hint = ("The queries are the LAST T of the S positions: query i may see keys 0 .. S - T + i (a mask aligned "
-                    "top-left, like tril(ones(T, S)) or SDPA's is_causal, is wrong here). " + FLASH_HINT)
+            hint = ("The queries are the LAST T of the S positions: query i may see keys 0 .. S - T + i (a mask "
+                    "aligned top-left, like tril(ones(T, S)) or SDPA's is_causal, is wrong here). " + FLASH_HINT)
         # float32 scores carry an absolute rounding error of about 1e-6 * scale^2 * sqrt(d) (the products summed
         # are of size scale^2), which reaches the log-sum-exp and, through the softmax, the output
         score_error = max(1e-5, 1e-6 * scale ** 2 * math.sqrt(d))
@@ -158,7 +160,8 @@ def check_flash_attention(fn: Callable) -> None:
                      atol=max(1e-5 * float(out_ref.abs().max()), score_error * float(v.abs().max())),
                      check_dtype=True, hint=hint)
         assert_close(got[1], lse_ref, f"{what}: lse (shape [B, H, T])", rtol=1e-5, atol=score_error,
-                     check_dtype=True, hint="lse = m + log(l), the running maximum plus the log of the running sum. " + hint)
+                     check_dtype=True,
+                     hint="lse = m + log(l), the running maximum plus the log of the running sum. " + hint)
 
 
 # ----- GQAttention ------------------------------------------------------------------------------
@@ -261,7 +264,8 @@ def check_GQAttention(cls: Callable) -> None:  # noqa: N802 - named after the cl
     the cache) equals the full pass; padded rows stay finite."""
     rng, g = fresh_rng(), fresh_generator()
     layer = rng.randrange(30)
-    configs = [(576, 9, 3, 100000.0, _smollm2_state(layer), f"SmolLM2 layer {layer}'s attention (576, 9 heads, 3 kv heads)")]
+    configs = [(576, 9, 3, 100000.0, _smollm2_state(layer),
+                f"SmolLM2 layer {layer}'s attention (576, 9 heads, 3 kv heads)")]
     for n_heads, n_kv in ((4, 1), (6, 6), (rng.choice([6, 8]), 2)):
         head_dim = rng.choice([4, 6, 8, 16])
         dim, theta = n_heads * head_dim, rng.choice([10000.0, 500000.0])
@@ -301,7 +305,8 @@ def check_GQAttention(cls: Callable) -> None:  # noqa: N802 - named after the cl
             xp = torch.randn(padded.shape[0], s, dim, generator=g)
             expected_p = _reference_layer(attention, rotary, xp, padded)
             real_p = padded.bool()
-            what_p = f"{name} on a left-padded batch of shape {tuple(xp.shape)} (padding per row {(1 - padded).sum(1).tolist()})"
+            what_p = (f"{name} on a left-padded batch of shape {tuple(xp.shape)} "
+                      f"(padding per row {(1 - padded).sum(1).tolist()})")
             hint_p = ("With left padding a row's first real token is at position 0: positions = cumsum(attention_mask) "
                       "- 1, and padded keys are masked. " + GQA_HINT)
             _call(obj.reset_cache, f"{name}: reset_cache()")

@@ -314,8 +314,8 @@ def swapped_order_backward(x, wg, wu, wd, grad_output):          # gradients of 
     make_swiglu(bias=True),                                       # biases do not belong in the state dict
     make_swiglu(names=("w1", "w3", "w2")),                        # Meta's names, not transformers'
     make_swiglu(backward_fn=swapped_order_backward),              # gradients returned in the wrong order
-    make_swiglu(forward_fn=lambda x, wg, wu, wd: F.linear(F.silu(F.linear(x.float(), wg.float()))
-                                                          * F.linear(x.float(), wu.float()), wd.float())),  # always float32
+    make_swiglu(forward_fn=lambda x, wg, wu, wd: F.linear(F.silu(F.linear(x.float(), wg.float()))   # always float32
+                                                          * F.linear(x.float(), wu.float()), wd.float())),
 ])
 def test_swiglu_wrong(wrong):
     fails("SwiGLU", wrong)
