@@ -98,10 +98,10 @@ def top_level_aliases(trees: Iterable[ast.Module]) -> tuple[dict[str, str], dict
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 definitions[node.name] = node
                 aliases.pop(node.name, None)
-            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):  # only ALL_CAPS ones are ever loaded
                 targets = node.targets if isinstance(node, ast.Assign) else [node.target]
                 for t in targets:
-                    if isinstance(t, ast.Name):
+                    if isinstance(t, ast.Name) and t.id.isupper():
                         definitions[t.id] = node
                         aliases.pop(t.id, None)
     return aliases, definitions
@@ -118,11 +118,25 @@ def names_used_by(exercise: str, trees: list[ast.Module]) -> set[str]:
         if name in seen or name not in definitions:
             continue
         seen.add(name)
+        node = definitions[name]
         visitor = _Uses(aliases)
-        visitor.visit(definitions[name])
+        visitor.visit(node)
         used |= visitor.used
-        todo += [n for n in visitor.names if n in definitions and n not in seen]
+        local = _bound_inside(node) - {name}
+        todo += [n for n in visitor.names if n in definitions and n not in seen and n not in local]
     return used
+
+
+def _bound_inside(node: ast.AST) -> set[str]:
+    """Names a function or class binds itself (parameters, assignments, loop targets): a use of
+    them is not a use of the notebook's definition of the same name."""
+    bound: set[str] = set()
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.arg):
+            bound.add(sub.arg)
+        elif isinstance(sub, ast.Name) and isinstance(sub.ctx, (ast.Store, ast.Del)):
+            bound.add(sub.id)
+    return bound
 
 
 def _matches(used: str, forbidden: str) -> bool:
