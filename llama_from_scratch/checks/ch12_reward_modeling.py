@@ -134,7 +134,7 @@ def _reward_trainer():
     model = _seqcls(dict(vocab_size=8, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, num_labels=1))
     args = RewardConfig(output_dir=os.path.join(tempfile.gettempdir(), "lfs-grader-unused"), report_to=[],
-                        use_cpu=True, save_strategy="no")
+                        use_cpu=True, save_strategy="no", bf16=False)
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
                             train_dataset=Dataset.from_dict({"chosen_ids": [[2, 3]], "rejected_ids": [[4]]}))
     trainer.model.train()
