@@ -272,7 +272,7 @@ class LocalObject:
 
 def _real(value: Any) -> Any:
     if isinstance(value, Construct):
-        return value.build()
+        return Construct(value.target, *_real(list(value.args)), method=value.method, **_real(dict(value.kwargs))).build()
     if isinstance(value, Callback):
         return value.fn
     if isinstance(value, LocalObject):
