@@ -181,7 +181,7 @@ def _forward_and_merge(cls: Callable, rng: random.Random, gen: torch.Generator, 
                        use_rslora: bool, dora: bool) -> None:
     """Random adapters in the learner's layer and in PEFT's; outputs, gradients, merge, unmerge."""
     name = "DoRALinear" if dora else "LoRALinear"
-    d_in, d_out, r = rng.randrange(5, 48), rng.randrange(3, 40), rng.randrange(1, 9)
+    d_in, d_out, r = rng.randrange(5, 48), rng.randrange(3, 40), rng.randrange(2, 9)   # r > 1: sqrt(r) != r
     alpha = rng.choice([1, 8, 16, round(rng.uniform(0.5, 32.0), 3)])
     what = (f"{name}(nn.Linear({d_in}, {d_out}, bias={bias}, dtype={dtype}), r={r}, alpha={alpha}"
             f"{', use_rslora=True' if use_rslora else ''})")

@@ -114,7 +114,7 @@ def _quantize_cases(rng: random.Random, gen: torch.Generator) -> list[tuple[torc
         w = torch.randn(rng.randrange(20, 70), rng.randrange(20, 90), generator=gen).T   # a transposed view
         cases.append((w, rng.choice(_BLOCKSIZES[:3]), quant_type, f"a transposed view of shape {tuple(w.shape)}"))
         big = rng.choice(_BLOCKSIZES[4:])
-        w = torch.randn(big * 2 + rng.randrange(1, big), generator=gen) * 0.05
+        w = torch.randn((big * 2 + rng.randrange(1, big)) | 1, generator=gen) * 0.05   # an odd count
         cases.append((w, big, quant_type, f"{w.numel()} values in blocks of {big}"))
         # a whole block of zeros and a partial last block of zeros
         bs = rng.choice([32, 64])
