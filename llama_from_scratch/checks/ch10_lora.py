@@ -382,24 +382,6 @@ def _cases(rng: random.Random) -> list[dict[str, Any]]:
     ]
 
 
-def _build_nested(value: Any) -> Any:
-    """A ``Construct`` whose arguments hold ``Construct``s, built inner first."""
-    if isinstance(value, Construct):
-        return Construct(value.target, *[_build_nested(v) for v in value.args], method=value.method,
-                         **{k: _build_nested(v) for k, v in value.kwargs.items()}).build()
-    return value
-
-
-def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``; in this process (a notebook's ``check``) nested ``Construct``s are built
-    here first, as the sandbox builds them on the learner's side."""
-    from llama_from_scratch.sandbox import RemoteObject
-
-    if isinstance(fn, RemoteObject):
-        return fn(*args, **kwargs)
-    return fn(*[_build_nested(a) for a in args], **{k: _build_nested(v) for k, v in kwargs.items()})
-
-
 def _tiny_llama(cfg: dict[str, Any], gen: torch.Generator) -> tuple[nn.Module, dict[str, torch.Tensor], Construct]:
     """A tiny Llama here (random weights drawn from ``gen``), its weights, and the same model to be
     built on the learner's side."""
@@ -438,7 +420,7 @@ def check_apply_lora(fn: Callable) -> None:
         shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         what = f"apply_lora(tiny Llama with 12 layers, {shown}, r={r}, alpha={alpha})"
         reference, state, remote = _tiny_llama(cfg, gen)
-        model = _call(fn, remote, r=r, alpha=alpha, **kwargs)
+        model = fn(remote, r=r, alpha=alpha, **kwargs)
         if model is None:
             raise AssertionError(f"{what} returned None; return the model (adapted in place)")
         sd = model.state_dict()
@@ -496,7 +478,7 @@ def check_apply_lora(fn: Callable) -> None:
                          ([f"no_such_proj_{rng.randrange(100)}"], "matches no module")]:
         _, _, remote = _tiny_llama(_tiny_config(rng), gen)
         try:
-            _call(fn, remote, target_modules=targets, r=2, alpha=4)
+            fn(remote, target_modules=targets, r=2, alpha=4)
         except ValueError:
             continue
         raise AssertionError(f"apply_lora(tiny Llama, target_modules={targets!r}) should raise ValueError (the "

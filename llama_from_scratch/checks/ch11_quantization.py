@@ -306,23 +306,6 @@ def _peft():
     return peft
 
 
-def _build_nested(value: Any) -> Any:
-    if isinstance(value, Construct):
-        return Construct(value.target, *[_build_nested(v) for v in value.args], method=value.method,
-                         **{k: _build_nested(v) for k, v in value.kwargs.items()}).build()
-    return value
-
-
-def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """``fn(*args, **kwargs)``; in this process (a notebook's ``check``) nested ``Construct``s are built
-    here first, as the sandbox builds them on the learner's side."""
-    from llama_from_scratch.sandbox import RemoteObject
-
-    if isinstance(fn, RemoteObject):
-        return fn(*args, **kwargs)
-    return fn(*[_build_nested(a) for a in args], **{k: _build_nested(v) for k, v in kwargs.items()})
-
-
 def _reference_step(cfg: dict[str, Any], state: dict[str, torch.Tensor], targets: list[str],
                     adapters: dict[str, torch.Tensor], ids: torch.Tensor, labels: torch.Tensor, r: int, alpha: float,
                     lr: float, blocksize: int, double_quant: bool) -> dict[str, Any]:
@@ -385,7 +368,7 @@ def check_qlora_step(fn: Callable) -> None:
         expected = _reference_step(cfg, state, targets, adapters, ids, labels, r, alpha, lr, blocksize, double_quant)
         model = Construct("transformers.LlamaForCausalLM", None, method="from_pretrained",
                           config=Construct("transformers.LlamaConfig", **cfg), state_dict=state)
-        got = _call(fn, model, target_modules=list(targets), adapters=dict(adapters), input_ids=ids.clone(),
+        got = fn(model, target_modules=list(targets), adapters=dict(adapters), input_ids=ids.clone(),
                     labels=labels.clone(), r=r, alpha=alpha, lr=lr, blocksize=blocksize, double_quant=double_quant)
         if not isinstance(got, dict) or not {"loss", "grads", "weights"} <= set(got):
             raise AssertionError(f"{what}: return a dict with keys 'loss', 'grads' and 'weights'")
