@@ -168,6 +168,28 @@ def grade_cells(cells: list[str | None], exercise_cells: dict[str, int], declare
     sandboxed process (restarted after an exercise that kills it), every check here."""
     limits = limits or Limits(timeout=timeout)
     forbidden = forbidden or {}
+    with _one_torch_thread():
+        return _grade_cells(cells, exercise_cells, declared_points, checks, forbidden, notebook, points, limits,
+                            isolation)
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Checks work on tiny tensors while the student's process computes beside them: one thread
+    each avoids the two fighting over the cores (tiny matmuls ran ~80x slower with two)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _grade_cells(cells: list[str | None], exercise_cells: dict[str, int], declared_points: dict[str, int],
+                 checks: dict[str, Callable[[Callable], None]], forbidden: dict[str, list[str]], notebook: str,
+                 points: dict[str, int] | None, limits: Limits, isolation: str) -> list[ExerciseResult]:
     trees = _parsed_cells(cells)
     every_rule = sorted({n for names in forbidden.values() for n in names})
     results: list[ExerciseResult] = []
