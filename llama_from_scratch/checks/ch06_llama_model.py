@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -42,8 +43,9 @@ BLOCK_FORBIDDEN = ["transformers", "torch.nn.functional.scaled_dot_product_atten
                    "torch.nn.TransformerDecoderLayer"]
 DEQUANT_FORBIDDEN = ["gguf.quants", "gguf.dequantize", "gguf.quantize", "transformers"]
 TOKENIZER_FORBIDDEN = ["transformers", "tokenizers", "tiktoken", "sentencepiece", "gguf.vocab"]
-# Logits of SmolLM2 reach about 30 in size; float32 implementations that order their operations
-# differently (softmax by hand, another matmul grouping) differ from transformers by ~1e-4.
+# SmolLM2's logits reach about 35. Measured: the solution (softmax by hand, its own RoPE and RMSNorm)
+# differs from transformers' eager model by at most 6e-5; a norm_eps of 1e-6 instead of the file's
+# 1e-5 by 2e-2 to 7e-2. The tolerance sits between, 30x above the first.
 LOGITS_RTOL, LOGITS_ATOL = 1e-4, 2e-3
 
 
@@ -59,11 +61,11 @@ def smollm2_path() -> str:
 
 @functools.lru_cache(maxsize=1)
 def reference_model() -> Any:
-    """transformers' ``LlamaForCausalLM`` with the weights of the GGUF, float32, as
-    ``from_pretrained(folder, gguf_file=...)`` loads them."""
+    """transformers' ``LlamaForCausalLM`` (eager attention, float32) with the GGUF's weights as
+    ``from_pretrained(folder, gguf_file=...)`` loads them (the same tensors, bit for bit)."""
     import gguf
     import transformers
-    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor, get_gguf_hf_weights_map
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     reader = gguf.GGUFReader(smollm2_path())
@@ -86,7 +88,15 @@ def reference_model() -> Any:
         model = transformers.LlamaForCausalLM(config)
     processor = LlamaTensorProcessor(config={"num_attention_heads": config.num_attention_heads,
                                              "num_key_value_heads": config.num_key_value_heads})
-    names = get_gguf_hf_weights_map(model, processor)
+    # get_gguf_hf_weights_map(model, processor) without its recursion into every submodule (which
+    # rebuilds gguf's name table hundreds of times): the same table, built once.
+    table = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    names = {}
+    for hf_name in model.state_dict():
+        base, _, suffix = hf_name.rpartition(".")
+        gguf_name = table.get_name(base)
+        if gguf_name is not None:
+            names[f"{gguf_name}.{suffix}"] = hf_name
     state = {}
     for tensor in reader.tensors:
         weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
@@ -105,10 +115,9 @@ def reference_tokenizer() -> Any:
     """transformers' tokenizer of the GGUF (vocabulary, merges and chat template from the file)."""
     import transformers
 
-    path = smollm2_path()
-    folder, _, name = path.rpartition("/")
+    path = Path(smollm2_path())
     with contextlib.redirect_stderr(io.StringIO()):
-        return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
 def reference_logits(ids: torch.Tensor) -> torch.Tensor:
@@ -301,16 +310,16 @@ def check_load_llama_from_gguf(fn: Callable) -> None:
     model = fn(smollm2_path())
     rng, gen = fresh_rng(), fresh_generator()
     n_layers = reference.config.num_hidden_layers
-    layers = [0, rng.randrange(1, n_layers - 1), n_layers - 1]
+    layer = rng.randrange(1, n_layers)
     hints = {
         "q_proj": "GGUF stores q rows in interleaved RoPE order: undo it with permute_qk(w, n_heads).",
         "k_proj": "GGUF stores k rows in interleaved RoPE order: undo it with permute_qk(w, n_kv_heads) (k has "
                   "n_kv_heads heads).",
     }
-    names = ["model.norm.weight"] + [f"model.layers.{i}.{part}.weight" for i in layers for part in
-                                     ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                      "self_attn.o_proj", "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj",
-                                      "mlp.down_proj"]]
+    names = ["model.norm.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"]
+    names += [f"model.layers.{layer}.{part}.weight" for part in
+              ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]]
     for name in names:
         try:
             got = model.get_parameter(name)
@@ -320,7 +329,10 @@ def check_load_llama_from_gguf(fn: Callable) -> None:
                 "transformers' LlamaForCausalLM does (model.embed_tokens, model.layers.{i}.self_attn.q_proj, "
                 "model.layers.{i}.mlp.gate_proj, model.norm, lm_head), which nn.Module.get_parameter finds") from None
         part = name.split(".")[-2]
-        assert_close(got, ref_params[name].detach(), f"parameter {name}", rtol=1e-6, atol=1e-7, check_dtype=True,
+        expected = ref_params[name].detach()
+        if isinstance(got, torch.Tensor) and got.dtype == expected.dtype and torch.equal(got, expected):
+            continue  # bit-identical, as ggml's formulas in float32 give
+        assert_close(got, expected, f"parameter {name}", rtol=1e-6, atol=1e-7, check_dtype=True,
                      hint=hints.get(part, "Dequantize exactly as ggml does, in float32, with the torch shape (GGUF "
                                           "dimensions reversed)."))
     t = rng.randrange(4, 10)

@@ -1,22 +1,21 @@
 """Chapter 6's checks reject the stubs and plausible wrong answers, and accept the solutions and
 correct answers written differently.
 
-The capstone's wrong loaders and answers are built from one correct load and one correct
-generation (cached here), so that each costs a fraction of a second rather than a full load."""
+The capstone's wrong loaders are built from the solution's loaded weights and its wrong answers
+from transformers' reference generation (both cached), so that each costs a fraction of a second
+rather than a load of the file or a generation."""
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import regex
 import torch
 from torch import nn
 
-from llama_from_scratch.checks.ch06_llama_model import CHECKS, smollm2_path
+from llama_from_scratch.checks.ch06_llama_model import CHECKS, reference_answer, reference_prompt
 from llama_from_scratch.grade import load_definitions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -249,38 +248,33 @@ def test_block_wrong(change):
 
 # ----- load_llama_from_gguf ---------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
-def _file_state() -> tuple[dict, dict]:
-    """The file's metadata and every tensor dequantized and renamed (not permuted), once."""
-    reader = SOLUTION["read_gguf_file"](smollm2_path())
-    meta = {key: field.contents() for key, field in reader.fields.items() if key.startswith("llama.")}
-    meta["vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data)
-    names, state = SOLUTION["GGUF_TO_HF"], {}
-    for t in reader.tensors:
-        w = SOLUTION["dequantize_ggml"](t.data.tobytes(), t.tensor_type.name, tuple(int(n) for n in t.shape))
-        parts = t.name.split(".")
-        key = f"model.layers.{parts[1]}.{names[parts[2]]}.weight" if parts[0] == "blk" else f"{names[parts[0]]}.weight"
-        state[key] = w
-    return meta, state
+def _interleave(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of permute_qk: rotate-half rows back to the file's interleaved order."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def _loader_variant(change):
+    """A loader with one mistake, built from the solution's loaded weights (no second dequantization)."""
     def load_llama_from_gguf(path):
-        meta, file_state = _file_state()
+        tokenizer, correct = SOLUTION["smollm2_once"](path)
+        meta = {key: field.contents() for key, field in SOLUTION["read_gguf_file"](path).fields.items()
+                if key.startswith("llama.")}
         n_heads, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
         state = {}
-        for name, w in file_state.items():
-            if name.endswith("q_proj.weight") and change != "no_permutation":
-                w = SOLUTION["permute_qk"](w, n_heads)
-            elif name.endswith("k_proj.weight") and change != "no_permutation":
-                w = SOLUTION["permute_qk"](w, n_heads if change == "k_with_n_heads" else n_kv)
+        for name, w in correct.state_dict().items():
+            if name.endswith("q_proj.weight") and change in ("no_permutation",):
+                w = _interleave(w, n_heads)
+            elif name.endswith("k_proj.weight") and change in ("no_permutation", "only_q_permuted"):
+                w = _interleave(w, n_kv)
             state[name] = w
         with torch.device("meta"):
             model = SOLUTION["LlamaModel"](
-                vocab_size=meta["vocab_size"], dim=meta["llama.embedding_length"], n_layers=meta["llama.block_count"],
+                vocab_size=len(tokenizer.tokens), dim=meta["llama.embedding_length"], n_layers=meta["llama.block_count"],
                 n_heads=n_heads, n_kv_heads=n_kv, hidden_dim=meta["llama.feed_forward_length"],
-                norm_eps=meta["llama.attention.layer_norm_rms_epsilon"],
+                norm_eps=1e-6 if change == "default_norm_eps" else meta["llama.attention.layer_norm_rms_epsilon"],
                 rope_theta=10000.0 if change == "default_rope_theta" else meta["llama.rope.freq_base"])
+        state.pop("lm_head.weight")
         model.load_state_dict(state, strict=False, assign=True)
         if change == "untied_head":
             model.lm_head.weight = nn.Parameter(torch.zeros_like(state["model.embed_tokens.weight"]))
@@ -290,22 +284,23 @@ def _loader_variant(change):
     return load_llama_from_gguf
 
 
+def test_interleave_undoes_permute_qk():
+    w = torch.randn(12, 5)
+    assert torch.equal(_interleave(SOLUTION["permute_qk"](w, 3), 3), w)
+
+
 @pytest.mark.smollm2
-@pytest.mark.parametrize("change", ["no_permutation", "k_with_n_heads", "default_rope_theta", "untied_head"])
+@pytest.mark.parametrize("change", ["no_permutation", "only_q_permuted", "default_rope_theta", "default_norm_eps",
+                                    "untied_head"])
 def test_loader_wrong(change):
     fails("load_llama_from_gguf", _loader_variant(change))
 
 
 # ----- ask_smollm2 ------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
 def _correct_run() -> tuple[list[int], int]:
-    """The solution's ids for 10 new tokens (the model ends its turn before), and the prompt length."""
-    ids, _ = SOLUTION["ask_smollm2"](smollm2_path(), QUESTION, 10)
-    tokenizer = SOLUTION["smollm2_once"](smollm2_path())[0]
-    prompt = (f"<|im_start|>system\n{SOLUTION['DEFAULT_SYSTEM_PROMPT']}<|im_end|>\n<|im_start|>user\n{QUESTION}"
-              "<|im_end|>\n<|im_start|>assistant\n")
-    return ids, len(tokenizer.encode(prompt))
+    """The right ids for 10 new tokens (the model ends its turn before), and the prompt's length."""
+    return reference_answer(QUESTION, 10)[0], len(reference_prompt(QUESTION))
 
 
 def _ask_variant(change):
