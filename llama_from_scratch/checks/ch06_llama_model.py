@@ -294,7 +294,9 @@ def check_LlamaBlock(cls: Callable) -> None:
         block = cls(dim, n_heads, n_kv_heads, hidden, norm_eps=eps, rope_theta=theta)
         block.load_state_dict(state)
         got = block(x)
-        assert_close(got, expected, what, rtol=1e-4, atol=1e-5,
+        # Measured over 600 configurations: float32 answers differ from transformers by at most
+        # 1.2e-6 x max(1, max |output|), the closest wrong answer (eps outside the sqrt) by 4e-4 x.
+        assert_close(got, expected, what, rtol=1e-4, atol=2e-5 * max(1.0, float(expected.abs().max())),
                      hint="Pre-norm: h = x + attn(rms_norm(x)), out = h + swiglu(rms_norm(h)); rotate-half RoPE on q "
                           "and k at positions 0..T-1; query head i reads key/value head i // (n_heads // n_kv_heads); "
                           "scores scaled by 1/sqrt(head_dim); causal mask.")
