@@ -222,24 +222,27 @@ def test_the_sandbox_hides_the_machine(tmp_path: Path, monkeypatch: pytest.Monke
     server.close()
 
 
+SPAWNERS = {
+    "fork and exec": "pid = os.fork()\n    if pid == 0:\n        os.setsid()\n"
+                     "        os.execv('/bin/sh', ['sh', '-c', 'exec -a {marker} sleep 600'])",
+    "_posixsubprocess.fork_exec": "subprocess.Popen(['/bin/sh', '-c', 'exec -a {marker} sleep 600'], start_new_session=True,\n"
+                                  "                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)",
+}
+
+
 @needs_sandbox
-def test_nothing_outlives_grading_and_temp_folders_go(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spawn", list(SPAWNERS))
+def test_nothing_outlives_grading_and_temp_folders_go(tmp_path: Path, spawn: str) -> None:
     import tempfile
 
     marker = f"lfs-survivor-{os.getpid()}-{time.monotonic_ns()}"
     before = {p.name for p in Path(tempfile.gettempdir()).glob("lfs-grade-*")}
-    nb = write_notebook(tmp_path / "nb.ipynb", "import os, _posixsubprocess, subprocess, sys",
-                        "def square(x):\n"
-                        "    pid = os.fork()\n"
-                        "    if pid == 0:\n"
-                        "        os.setsid()\n"
-                        f"        os.execv('/bin/sh', ['sh', '-c', 'exec -a {marker} sleep 600'])\n"
-                        "    import time\n"
-                        "    time.sleep(0.5)\n"
-                        "    return x * x")
+    body = SPAWNERS[spawn].format(marker=marker)  # subprocess.Popen goes through _posixsubprocess.fork_exec
+    nb = write_notebook(tmp_path / "nb.ipynb", "import os, subprocess",
+                        f"def square(x):\n    {body}\n    import time\n    time.sleep(0.5)\n    return x * x")
     started = time.monotonic()
     results = grade(nb, timeout=10.0)
-    assert results["square"].passed  # the answer is right; what it left behind must not survive
+    assert results["square"].passed, results["square"].reason  # right answer; what it left must not survive
     time.sleep(0.5)
     survivors = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
     assert survivors == [], "a process started by graded code outlived grading"
