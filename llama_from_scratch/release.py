@@ -12,6 +12,7 @@ Every ``### BEGIN SOLUTION`` ... ``### END SOLUTION`` region becomes
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import json
 import sys
@@ -68,6 +69,78 @@ def stale_exercises(solutions: Path, exercises: Path) -> list[str]:
             problems.append(f"{name}: differs from the version generated from {path}")
     problems += [f"{name}: has no solution notebook" for name in sorted(present - expected.keys())]
     return problems
+
+
+# What students pip-install besides the course package (whose own dependencies, torch, numpy,
+# gguf, tiktoken(-offline), ... come with it), by the name the code imports. The versions follow
+# pyproject.toml's "dev" extra (tests/test_student_release.py checks that they agree).
+# An import not listed here is written as is (most packages install under their import name).
+REQUIREMENTS = {
+    "transformers": "transformers>=5,<6",
+    "peft": "peft>=0.17",
+    "bitsandbytes": "bitsandbytes>=0.45",
+    "trl": "trl>=1,<2",
+    "datasets": "datasets",
+    "tokenizers": "tokenizers",
+    "jinja2": "jinja2",
+}
+# Installed with the course package (its [project] dependencies) or part of Python.
+PROVIDED = {"llama_from_scratch", "torch", "numpy", "matplotlib", "tiktoken", "tiktoken_ext", "tqdm",
+            "safetensors", "gguf", "regex", "IPython", "ipykernel",
+            "wire"}  # llama_from_scratch/wire.py, imported by its bare name by sandbox_worker.py (a script)
+
+
+def _imports_in(source: str) -> set[str]:
+    """Top-level module names of every ``import`` in ``source`` (also inside functions)."""
+    lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]  # magics
+    try:
+        tree = ast.parse("\n".join(lines))
+    except SyntaxError:
+        return set()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def notebook_imports(solutions: Path) -> set[str]:
+    """Third-party top-level modules the released chapters need: what the notebooks import, what
+    their grading checks (``llama_from_scratch/checks/<notebook>.py``) import, and, followed
+    through, what the package modules they use import. Python's own modules left out."""
+    package_root = Path(__file__).resolve().parent
+    modules: set[str] = set()
+    for path in sorted(solutions.glob("ch*.ipynb")):
+        nb = read_notebook(path)
+        modules |= _imports_in("\n".join(cell_source(c) for c in nb["cells"] if c.get("cell_type") == "code"))
+        modules.add(f"llama_from_scratch.checks.{path.stem}")
+    seen: set[str] = set()
+    todo = [m for m in modules if m.split(".")[0] == "llama_from_scratch"]
+    while todo:  # follow the package's own modules to what they import
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")[1:]
+        files = [package_root.joinpath(*parts, "__init__.py")]
+        if parts:
+            files.append(package_root.joinpath(*parts[:-1], parts[-1] + ".py"))
+        for file in files:
+            if file.is_file():
+                found = _imports_in(file.read_text(encoding="utf-8"))
+                modules |= found
+                todo += [m for m in found if m.split(".")[0] == "llama_from_scratch"]
+    top = {m.split(".")[0] for m in modules}
+    return {m for m in top if m not in sys.stdlib_module_names}
+
+
+def student_requirements(solutions: Path, package_spec: str) -> str:
+    """``requirements.txt`` of the student release: the course package, then every third-party
+    package the released notebooks and their checks import that the package does not bring."""
+    extra = sorted(REQUIREMENTS.get(m, m) for m in notebook_imports(solutions) - PROVIDED)
+    return "\n".join([package_spec, *extra]) + "\n"
 
 
 PACKAGE_PLACEHOLDER = "llama-from-scratch @ git+https://github.com/YOUR-ORG/llama_from_scratch"
@@ -135,7 +208,7 @@ def student_release(solutions: Path, target: Path, package_spec: str = PACKAGE_P
 
     It holds ``exercises/chNN_<topic>.ipynb`` (solutions replaced by stubs, no outputs), a student
     ``README.md``, ``requirements.txt`` (``package_spec``: where students install the course package
-    from) and ``.github/classroom/autograding.json``; never the solutions. Returns the relative
+    from, then what the notebooks and their checks import besides, see :func:`student_requirements`) and ``.github/classroom/autograding.json``; never the solutions. Returns the relative
     paths written. A folder must not exist yet or be empty.
     """
     from llama_from_scratch.classroom import CONFIG_PATH, RELEASE_SETUP, autograding_config, dumps_config
@@ -145,7 +218,7 @@ def student_release(solutions: Path, target: Path, package_spec: str = PACKAGE_P
     if not files:
         raise ValueError(f"no solution notebooks (ch*.ipynb) in {solutions}")
     files["README.md"] = STUDENT_README.format(course=course, table=_exercise_table(solutions))
-    files["requirements.txt"] = f"{package_spec}\n"
+    files["requirements.txt"] = student_requirements(solutions, package_spec)
     files[CONFIG_PATH.as_posix()] = dumps_config(autograding_config(solutions, "exercises", RELEASE_SETUP))
     if target.suffix.lower() == ".zip":
         target.parent.mkdir(parents=True, exist_ok=True)
