@@ -44,6 +44,7 @@ from llama_from_scratch.weights import find_smollm2_gguf
 from llama_from_scratch.smollm2_tokenizer import SmolLM2Tokenizer, load_smollm2_tokenizer, render_chatml
 from llama_from_scratch.loading import config_from_gguf, gguf_to_hf_name, llama_from_gguf, load_smollm2
 from llama_from_scratch.gguf_writer import hf_to_gguf_name, save_gguf
+from llama_from_scratch.hf_export import hf_state_dict, save_pretrained, save_tokenizer, tokenizer_to_hf
 
 # --- Chapter 7: decoding ---
 from llama_from_scratch.generation import beam_search, generate

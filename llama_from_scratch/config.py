@@ -10,7 +10,7 @@ import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from llama_from_scratch.feed_forward import llama_hidden_dim
 from llama_from_scratch.rope import _validate_scaling
@@ -35,6 +35,8 @@ class LlamaConfig:
         tie_embeddings: whether the output layer shares the token-embedding matrix
             (``tie_word_embeddings``).
     """
+
+    model_type: ClassVar[str] = "llama"  # Hugging Face's name of the architecture (PEFT reads it)
 
     vocab_size: int = 32000
     dim: int = 4096

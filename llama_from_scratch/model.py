@@ -22,9 +22,22 @@ from torch import nn
 from llama_from_scratch.attention import GroupedQueryAttention, KVCache, build_attention_mask
 from llama_from_scratch.config import LlamaConfig
 from llama_from_scratch.feed_forward import SwiGLU
+from llama_from_scratch.hf_export import save_pretrained as _save_pretrained, tie_or_check_keys
 from llama_from_scratch.loss import chunked_cross_entropy, cross_entropy
 from llama_from_scratch.normalization import RMSNorm
 from llama_from_scratch.rope import precompute_rope
+
+
+def _check_hf_kwargs(hf_kwargs: dict[str, object]) -> None:
+    """Refuses Hugging Face forward arguments this model does not implement (see ``Llama.forward``)."""
+    known = {"inputs_embeds", "labels", "output_attentions", "output_hidden_states", "return_dict"}
+    unknown = sorted(set(hf_kwargs) - known)
+    if unknown:
+        raise TypeError(f"Llama.forward() got unexpected keyword arguments {unknown}")
+    given = sorted(k for k, v in hf_kwargs.items() if v is not None and not (k.startswith("output_") and v is False))
+    if given:
+        hint = " (for a loss pass targets=, the next token at each position)" if "labels" in given else ""
+        raise ValueError(f"Llama.forward does not implement {given}; they are accepted only as None{hint}")
 
 
 class TransformerBlock(nn.Module):
@@ -213,6 +226,7 @@ class Llama(nn.Module):
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         targets: torch.Tensor | None = None,
+        **hf_kwargs: None,
     ) -> torch.Tensor:
         """Next-token logits ``[B, T, vocab_size]`` for ``input_ids`` (``[B, T]``, integer), or,
         given ``targets``, the training loss.
@@ -237,7 +251,13 @@ class Llama(nn.Module):
                 padding or a masked prompt). Then the mean cross-entropy over the targets (a
                 scalar) is returned instead of logits (nanoGPT's ``forward(idx, targets)``); see
                 :meth:`next_token_loss`.
+            hf_kwargs: the Hugging Face arguments PEFT's ``PeftModelForCausalLM`` (``LoraConfig(
+                task_type="CAUSAL_LM")``) always passes: ``inputs_embeds``, ``labels``,
+                ``output_attentions``, ``output_hidden_states``, ``return_dict``; accepted only as
+                ``None`` (for a loss pass ``targets``, the labels already shifted).
         """
+        if hf_kwargs:
+            _check_hf_kwargs(hf_kwargs)
         if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be an int >= 0 (0 = all positions), got {logits_to_keep!r}")
         if targets is not None and logits_to_keep:
@@ -271,6 +291,25 @@ class Llama(nn.Module):
         logits = lm_head(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
             return cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: object,
+    ) -> dict[str, object]:
+        """The keyword arguments of :meth:`forward` for the next decoding step of ``input_ids``
+        (the whole sequence so far): with a ``kv_cache`` only the tokens it does not hold yet, at
+        ``start_pos`` = its length. PEFT's ``PeftModelForCausalLM`` requires this method (Hugging
+        Face models have it); this package's :func:`~llama_from_scratch.generation.generate` does
+        not need it. Other keyword arguments are passed through.
+        """
+        start_pos = kv_cache.lengths[0] if kv_cache is not None else 0
+        if start_pos >= input_ids.shape[1]:
+            raise ValueError(f"the KV cache already holds {start_pos} positions of {input_ids.shape[1]} tokens")
+        return {"input_ids": input_ids[:, start_pos:], "start_pos": start_pos, "kv_cache": kv_cache,
+                "attention_mask": attention_mask, **kwargs}
 
     # ----- helpers ------------------------------------------------------------------------------
 
@@ -351,26 +390,22 @@ class Llama(nn.Module):
 
         with torch.device("meta"):
             model = cls(config)
-        expected = set(model.state_dict().keys())
-        if config.tie_embeddings:
-            # Tied checkpoints usually store only the embedding; the head is the same tensor.
-            state_dict.pop("lm_head.weight", None)
-            if "model.embed_tokens.weight" in state_dict:
-                state_dict["lm_head.weight"] = state_dict["model.embed_tokens.weight"]
-        missing = sorted(expected - set(state_dict))
-        unexpected = sorted(set(state_dict) - expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"checkpoint in {folder} does not match the config: missing keys {missing[:20]}"
-                f"{' ...' if len(missing) > 20 else ''}; unexpected keys {unexpected[:20]}"
-                f"{' ...' if len(unexpected) > 20 else ''}"
-            )
+        # Tied checkpoints store the shared matrix once, as model.embed_tokens.weight (transformers)
+        # or lm_head.weight (safetensors.torch.save_model); genuinely missing keys raise by name.
+        state_dict = tie_or_check_keys(state_dict, config, set(model.state_dict()), str(folder))
         model.load_state_dict(state_dict, strict=True, assign=True)
         model.tie_weights()  # assign=True made two Parameters; share one again
         model.model.reset_rope()
         if device is not None:
             model.to(device)
         return model.eval()
+
+    def save_pretrained(self, folder: str | Path, tokenizer: object | None = None) -> Path:
+        """Writes a Hugging Face folder (``config.json``, ``model.safetensors``,
+        ``generation_config.json``, and with a tokenizer ``tokenizer.json`` +
+        ``tokenizer_config.json``) that ``transformers.AutoModelForCausalLM.from_pretrained`` and
+        :meth:`from_hf` load; see :func:`~llama_from_scratch.hf_export.save_pretrained`."""
+        return _save_pretrained(self, folder, tokenizer)
 
     @classmethod
     def from_gguf(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> Llama:
