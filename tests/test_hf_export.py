@@ -290,8 +290,15 @@ def test_saved_tokenizer_loads_in_auto_tokenizer_with_same_ids(tmp_path, pre_tok
         text = hf.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
         assert text == ours.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=False)
         assert hf.encode(text) == ours.apply_chat_template(messages, add_generation_prompt=prompt)
-    # the two pre-tokenizers really differ on "a  1": the files must say which one
-    assert tokenizer_to_hf(ours).encode("a  1").ids == ours.encode("a  1")
+
+
+def test_pre_tokenizer_choice_is_kept():
+    """The two pre-tokenizers split "a  1" differently; each saved pipeline follows its own."""
+    gpt2, smollm = tiny_tokenizer("gpt2"), tiny_tokenizer("smollm")
+    assert [gpt2.tokens[i] for i in gpt2.encode("a  1")] == ["a", "Ġ", "Ġ1"]
+    assert [smollm.tokens[i] for i in smollm.encode("a  1")] == ["a", "ĠĠ", "1"]
+    for ours in (gpt2, smollm):
+        assert tokenizer_to_hf(ours).encode("a  1").ids == ours.encode("a  1")
 
 
 def test_save_tokenizer_errors(tmp_path):
