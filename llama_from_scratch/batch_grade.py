@@ -20,6 +20,7 @@ student's copy, which a student could edit.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import csv
 import datetime
@@ -388,6 +389,7 @@ def grade_batch(root: Path, settings: Settings | None = None, jobs: int | None =
             where = f"in {settings.solutions}" if settings.solutions else "(no --solutions folder given)"
             warnings.append(f"{ch}: no solution notebook {where}; points taken from each "
                             "student's own notebook (which the student could edit)")
+        declarations: dict[str, dict[str, int]] = {}
         for s in students:
             sub = next((x for x in submissions if x.student == s and x.chapter == ch), None)
             declared = from_solution
@@ -396,7 +398,13 @@ def grade_batch(root: Path, settings: Settings | None = None, jobs: int | None =
                     declared = {e.name: e.points for e in exercises_in(read_notebook(sub.path))} if sub else {}
                 except (OSError, ValueError):
                     declared = {}
-            points[s, ch] = {e: int(declared.get(e, 1)) for e in names[ch]}
+            declarations[s] = declared
+        # an exercise a student's notebook does not declare (no notebook, or the cell deleted) is
+        # worth what most of the other students' notebooks declare for it (1 if none does)
+        common = {e: collections.Counter(d[e] for d in declarations.values() if e in d).most_common(1)
+                  for e in names[ch]}
+        for s in students:
+            points[s, ch] = {e: int(declarations[s].get(e, common[e][0][0] if common[e] else 1)) for e in names[ch]}
 
     rows: list[Row] = []
     logs: list[NotebookLog] = []

@@ -249,3 +249,27 @@ def test_private_checks_package_and_points_without_solutions(tmp_path: Path) -> 
     assert rows["ok"].passed and rows["ok"].points == 4 == rows["ok"].max_points
     assert not rows["memorised"].passed and "returned 1000000" in rows["memorised"].reason
     assert any("no solution notebook" in w for w in report.warnings)
+
+
+def test_points_without_solutions_for_a_student_missing_a_chapter(tmp_path: Path) -> None:
+    """With no solution notebooks, a student who submitted nothing for a chapter is scored out of
+    the chapter's real points (the most common declaration among the other students' notebooks,
+    measured before: 1 point an exercise, 10/15 instead of 10/20), as is an exercise cell the
+    student deleted; the warning says where the points came from."""
+    settings, _ = toy_course(tmp_path)
+    settings = Settings(settings.checks_package, settings.python_path, None, settings.limits)
+    subs = tmp_path / "subs"
+    for student in ("alice", "bob", "carol"):
+        save(solution(CH1), subs / student / f"{CH1}.ipynb")
+    save(solution(CH2), subs / "alice" / f"{CH2}.ipynb")
+    save(solution(CH2), subs / "bob" / f"{CH2}.ipynb")                 # carol skipped chapter 2
+    dave = solution(CH1)
+    dave["cells"] = [c for c in dave["cells"] if "def double(" not in cell_source(c)]
+    save(dave, subs / "dave" / f"{CH1}.ipynb")                         # deleted the double cell, no chapter 2
+    report = grade_batch(subs, settings, jobs=2)
+    got = {(r.student, r.chapter, r.exercise): (r.points, r.max_points) for r in report.rows}
+    assert got["carol", CH2, "negate"] == (0, 5) == got["dave", CH2, "negate"]
+    assert got["alice", CH2, "negate"] == (5, 5)
+    assert got["dave", CH1, "double"] == (0, 2)
+    assert {e: got["carol", CH1, e][1] for e in CH1_EXERCISES} == CH1_POINTS
+    assert any("no solution notebook" in w and "--solutions" in w for w in report.warnings)
