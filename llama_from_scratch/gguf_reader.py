@@ -18,7 +18,10 @@ shapes this reader reports are reversed into PyTorch's order.
 The reader treats the file as untrusted input. Every length read from it (string lengths, array
 counts, dimension lists, tensor counts) is checked against the bytes that remain before anything
 is allocated, so a corrupted or hostile file raises `GGUFError` naming the problem instead of
-crashing, hanging or allocating gigabytes. Tensor data is memory-mapped (`numpy.memmap`) and only
+crashing, hanging or allocating gigabytes. As in llama.cpp, the tensors' data must follow one
+another in table order (each at the previous one's padded end, the last one ending the file), so
+a tensor table whose offsets, types or dimensions were changed is refused rather than read as
+overlapping or shifted data. Tensor data is memory-mapped (`numpy.memmap`) and only
 read when `GGUFFile.load_tensor` dequantizes it.
 
 The `gguf` package (maintained with llama.cpp) is the reference these functions are tested
@@ -335,6 +338,10 @@ class GGUFFile:
         data_size = max(0, self.file_size - self.data_offset)
 
         self.tensors: dict[str, GGUFTensorInfo] = {}
+        # llama.cpp's rule: tensors follow one another in table order, each starting at the
+        # previous one's end rounded up to the alignment. A changed offset, type or dimension
+        # breaks this chain, so the data of two tensors can never overlap or be misread.
+        expected_offset, previous = 0, None
         for name, dims, type_id, offset in infos:
             if name in self.tensors:
                 raise GGUFError(f"duplicate tensor name {name!r}")
@@ -359,6 +366,14 @@ class GGUFFile:
                     f"tensor {name!r}: its {n_bytes} bytes at data offset {offset} run past the end "
                     f"of the file (data section holds {data_size} bytes)"
                 )
+            if offset != expected_offset:
+                after = f"the end of tensor {previous!r}" if previous else "the start of the data section"
+                raise GGUFError(
+                    f"tensor {name!r} has data offset {offset}, expected {expected_offset} ({after}, "
+                    f"padded to {alignment}): its data would overlap another tensor or leave a gap"
+                )
+            expected_offset = offset + -(-n_bytes // alignment) * alignment
+            previous = name
             self.tensors[name] = GGUFTensorInfo(
                 name=name,
                 shape=tuple(int(d) for d in reversed(dims)),
@@ -368,6 +383,14 @@ class GGUFFile:
                 offset=offset,
                 file_offset=self.data_offset + offset,
                 n_bytes=n_bytes,
+            )
+        # Bytes beyond the last tensor's padding belong to no tensor: a tensor table that shrank
+        # (a type or dimension changed on the last tensor) would leave them behind.
+        if infos and data_size > expected_offset:
+            raise GGUFError(
+                f"{data_size - expected_offset} bytes after the end of the last tensor "
+                f"{previous!r} belong to no tensor (data section {data_size} bytes, tensors "
+                f"{expected_offset}): the tensor table does not describe this file's data"
             )
 
     # --- tensor data ---

@@ -110,6 +110,77 @@ def _llama3_scaling(gguf: GGUFFile, arch: str, head_dim: int, theta: float) -> d
     return scaling
 
 
+# Sane bounds on a llama GGUF's hyperparameters, checked before anything is allocated: a corrupt
+# or hostile file must not make the loader build a million layers or gigabytes of RoPE tables.
+# Each is well above every published Llama-architecture model (405B: 126 layers, dim 16384,
+# 131072 context; the largest vocabularies ~256k).
+MAX_LAYERS = 512  # llama.cpp's LLAMA_MAX_LAYERS
+MAX_CONTEXT = 2**20
+MAX_ROPE_TABLE = 2**27  # context_length * head_dim: each RoPE table at most 512 MB in float32
+MAX_VOCAB = 2**21
+MAX_DIM = 2**16
+MAX_HIDDEN = 2**18
+MAX_HEADS = 2**10
+ROPE_BASE_RANGE = (1.0, 1e12)
+RMS_EPS_RANGE = (1e-12, 1.0)
+
+
+def _check_llama_metadata(gguf: GGUFFile, arch: str, vocab_size: int) -> None:
+    """Raises :class:`GGUFError` naming the field for any hyperparameter outside sane bounds.
+
+    Integers must be integers within bounds, the RoPE base and RMSNorm epsilon finite and in
+    range, the special-token ids inside the vocabulary, and ``block_count`` must equal the number
+    of layers whose tensors the file holds.
+    """
+    md = gguf.metadata
+
+    def integer(key: str, low: int, high: int, required: bool = True) -> int | None:
+        value = md.get(key)
+        if value is None and not required:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise GGUFError(f"{gguf.path!r}: {key} = {value!r} is not an integer in [{low}, {high}]")
+        return value
+
+    def number(key: str, low: float, high: float) -> None:
+        value = md.get(key)
+        if value is None:
+            return
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+            raise GGUFError(f"{gguf.path!r}: {key} = {value!r} is not a finite number in [{low:g}, {high:g}]")
+
+    n_layers = integer(f"{arch}.block_count", 1, MAX_LAYERS)
+    context = integer(f"{arch}.context_length", 1, MAX_CONTEXT)
+    dim = integer(f"{arch}.embedding_length", 1, MAX_DIM)
+    integer(f"{arch}.feed_forward_length", 1, MAX_HIDDEN)
+    n_heads = integer(f"{arch}.attention.head_count", 1, MAX_HEADS)
+    n_kv_heads = integer(f"{arch}.attention.head_count_kv", 1, n_heads, required=False) or n_heads
+    if dim % n_heads or n_heads % n_kv_heads:
+        raise GGUFError(f"{gguf.path!r}: {arch}.attention.head_count = {n_heads} must divide embedding_length "
+                        f"= {dim} and be a multiple of head_count_kv = {n_kv_heads}")
+    if context * (dim // n_heads) > MAX_ROPE_TABLE:
+        raise GGUFError(f"{gguf.path!r}: {arch}.context_length = {context} with head_dim {dim // n_heads} needs "
+                        f"RoPE tables of {context * (dim // n_heads)} values (at most {MAX_ROPE_TABLE})")
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not 1 <= vocab_size <= MAX_VOCAB:
+        raise GGUFError(f"{gguf.path!r}: vocabulary size {vocab_size} is not in [1, {MAX_VOCAB}]")
+    stated = integer(f"{arch}.vocab_size", 1, MAX_VOCAB, required=False)
+    if stated is not None and stated != vocab_size:
+        raise GGUFError(f"{gguf.path!r}: {arch}.vocab_size = {stated} but the tokenizer has {vocab_size} tokens")
+    for suffix in ("attention.key_length", "attention.value_length", "rope.dimension_count"):
+        integer(f"{arch}.{suffix}", 1, MAX_DIM, required=False)
+    number(f"{arch}.rope.freq_base", *ROPE_BASE_RANGE)
+    number(f"{arch}.attention.layer_norm_rms_epsilon", *RMS_EPS_RANGE)
+    number(f"{arch}.rope.scaling.factor", 1.0, 1e4)
+    integer(f"{arch}.rope.scaling.original_context_length", 1, MAX_CONTEXT, required=False)
+    for key in md:
+        if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
+            integer(key, 0, vocab_size - 1)
+    layers = {int(m.group(1)) for m in map(_LAYER_RE.fullmatch, gguf.tensors) if m}
+    if layers and layers != set(range(n_layers)):
+        raise GGUFError(f"{gguf.path!r}: {arch}.block_count = {n_layers}, but the file holds tensors of layers "
+                        f"{min(layers)}..{max(layers)} ({len(layers)} distinct)")
+
+
 def config_from_gguf(gguf: GGUFFile | str | os.PathLike) -> LlamaConfig:
     """The :class:`LlamaConfig` described by a llama GGUF file's metadata.
 
@@ -118,7 +189,8 @@ def config_from_gguf(gguf: GGUFFile | str | os.PathLike) -> LlamaConfig:
     ``attention.layer_norm_rms_epsilon`` and ``context_length``; the vocabulary size is the length
     of ``tokenizer.ggml.tokens`` (or ``{arch}.vocab_size``, or the embedding's rows); tied
     embeddings mean the file has no ``output.weight``. Raises ``ValueError`` for a non-llama
-    architecture, missing keys, or features this package does not implement.
+    architecture, missing keys, or features this package does not implement, and its subclass
+    ``GGUFError`` naming the field for a value outside sane bounds (see ``_check_llama_metadata``).
     """
     if not isinstance(gguf, GGUFFile):
         gguf = read_gguf(gguf)
@@ -147,11 +219,12 @@ def config_from_gguf(gguf: GGUFFile | str | os.PathLike) -> LlamaConfig:
     if "tokenizer.ggml.tokens" in md:
         vocab_size = len(md["tokenizer.ggml.tokens"])
     elif get("vocab_size") is not None:
-        vocab_size = int(get("vocab_size"))
+        vocab_size = get("vocab_size")  # checked to be an integer in range below
     elif "token_embd.weight" in gguf.tensors:
         vocab_size = gguf.tensors["token_embd.weight"].shape[0]
     else:
         raise ValueError(f"{gguf.path!r}: cannot tell the vocabulary size (no tokens, vocab_size or token_embd)")
+    _check_llama_metadata(gguf, arch, vocab_size)
 
     n_heads = int(get("attention.head_count"))
     dim = int(get("embedding_length"))

@@ -13,15 +13,21 @@ Checkpoints are folders::
         model.safetensors      weights (a tied lm_head is stored once and re-tied on load)
         training_state.pt      step, optimizer state, RNG states, history: tensors and plain
                                Python values only, so torch.load(weights_only=True) reads it
-        config.json            the TrainConfig and the model's LlamaConfig
+        config.json            the TrainConfig, the model's LlamaConfig and the SHA-256 of the
+                               other two files
 
 written to a temporary folder next to the target and renamed into place, so a crash never leaves
-a half-written checkpoint under the real name.
+a half-written checkpoint under the real name (a save killed midway leaves a ``.step_N.tmp-PID-*``
+folder, which the next save in that directory removes). The safetensors header also stores the
+SHA-256 of every tensor (dtype, shape and bytes), so a corrupted weight is refused by name:
+:func:`load_checkpoint` raises :class:`CheckpointError` for any file that is not exactly what was
+saved, and checks every field of the metadata before it changes the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -60,7 +66,7 @@ __all__ = [
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "training_state.pt"
 CONFIG_FILE = "config.json"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: checksums of both data files and of every tensor
 IGNORE_INDEX = -100  # targets with this value do not count in the loss (prompt, padding)
 
 
@@ -250,21 +256,68 @@ def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, aliases
 
 
+def _tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (a changed dtype or shape changes it too)."""
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else
+    return True
+
+
+def _clean_stale_saves(folder: Path) -> None:
+    """Removes the temporary folders of saves that were killed midway (``.NAME.tmp-PID-*`` whose
+    process is gone, or older unnamed ones), and puts back a checkpoint that a killed save had
+    moved aside (``.NAME.old-PID``) if nothing replaced it."""
+    for entry in folder.iterdir():
+        name = entry.name
+        if not (name.startswith(".") and entry.is_dir()):
+            continue
+        for marker in (".tmp-", ".old-"):
+            if marker not in name:
+                continue
+            target, _, rest = name[1:].rpartition(marker)
+            pid = rest.split("-")[0]
+            if pid.isdigit() and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+                continue  # a save in progress (this process or another one)
+            if marker == ".old-" and target and not (folder / target).exists():
+                os.replace(entry, folder / target)  # the killed save never published its new folder
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     step: int = 0, train_config: TrainConfig | None = None,
                     history: list[dict] | None = None, extra: dict[str, Any] | None = None) -> Path:
     """Writes a checkpoint folder at ``path`` atomically (temp folder in the same parent, then
-    rename; an existing checkpoint there is replaced only once the new one is complete)."""
+    rename; an existing checkpoint there is replaced only once the new one is complete). Leftovers
+    of earlier saves killed midway in the same directory are removed first."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_saves(path.parent)
     model = getattr(model, "module", model)  # unwrap DDP
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     old = None
     try:
         tensors, aliases = _dedup_state_dict(model)
-        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+        checksums = {name: _tensor_sha256(t) for name, t in tensors.items()}
+        save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases),
+                                                             "sha256": json.dumps(checksums)})
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": int(step),
@@ -272,12 +325,14 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
             "rng": _rng_state(),
             "history": list(history or []),
             "extra": extra or {},
+            "train": train_config.to_dict() if train_config is not None else None,  # config.json's, verified
         }
         torch.save(state, tmp / STATE_FILE)
         config = {"format": CHECKPOINT_FORMAT, "step": int(step),
                   "train": train_config.to_dict() if train_config is not None else None,
                   "model": _model_config_dict(model),
-                  "optimizer_class": type(optimizer).__name__ if optimizer is not None else None}
+                  "optimizer_class": type(optimizer).__name__ if optimizer is not None else None,
+                  "sha256": {name: _file_sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         for f in tmp.iterdir():  # make the bytes durable before the rename publishes them
             with open(f, "rb") as fh:
@@ -298,13 +353,78 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     return path
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_checkpoint_config(path: Path) -> dict[str, Any]:
+    """config.json, checked field by field (types, format, checksums)."""
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path / CONFIG_FILE} holds a {type(config).__name__}, not an object")
+    if config.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path / CONFIG_FILE}: format {config.get('format')!r}; this version reads format "
+                              f"{CHECKPOINT_FORMAT} (checkpoints with checksums)")
+    if not _is_int(config.get("step")) or config["step"] < 0:
+        raise CheckpointError(f"{path / CONFIG_FILE}: step {config.get('step')!r} is not a non-negative integer")
+    for key, kinds in (("train", dict), ("model", dict), ("optimizer_class", str)):
+        if config.get(key) is not None and not isinstance(config[key], kinds):
+            raise CheckpointError(f"{path / CONFIG_FILE}: {key} is a {type(config[key]).__name__}")
+    sums = config.get("sha256")
+    if not isinstance(sums, dict) or not all(isinstance(sums.get(f), str) for f in (MODEL_FILE, STATE_FILE)):
+        raise CheckpointError(f"{path / CONFIG_FILE}: no sha256 checksums of {MODEL_FILE} and {STATE_FILE}")
+    return config
+
+
+def _check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer, where: Path) -> None:
+    """The optimizer state dict's structure, hyperparameters (finite numbers) and moment tensors
+    (finite, and shaped like their parameter unless GaLore projects them)."""
+    if not isinstance(state, dict) or not isinstance(state.get("state"), dict) \
+            or not isinstance(state.get("param_groups"), list):
+        raise CheckpointError(f"optimizer state in {where} is not a state dict (state, param_groups)")
+    for i, group in enumerate(state["param_groups"]):
+        if not isinstance(group, dict):
+            raise CheckpointError(f"optimizer param_groups[{i}] in {where} is not a dict")
+        for key in ("lr", "eps", "weight_decay", "betas"):
+            values = group.get(key, 0.0)
+            for v in values if isinstance(values, (list, tuple)) else [values]:
+                if isinstance(v, torch.Tensor):
+                    v = v.item() if v.numel() == 1 else float("nan")
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                    raise CheckpointError(f"optimizer param_groups[{i}].{key} = {values!r} in {where} is not a "
+                                          "finite non-negative number")
+    saved_ids = [i for group in state["param_groups"] for i in group.get("params", [])]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if len(saved_ids) != len(params):
+        raise CheckpointError(f"optimizer state in {where} covers {len(saved_ids)} parameters; this optimizer "
+                              f"has {len(params)}")
+    by_id = dict(zip(saved_ids, params))
+    for pid, entry in state["state"].items():
+        if pid not in by_id or not isinstance(entry, dict):
+            raise CheckpointError(f"optimizer state in {where} has a bad entry for parameter {pid!r}")
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"optimizer state {key} of parameter {pid} in {where} is not finite")
+            if key in ("exp_avg", "exp_avg_sq") and "projector" not in entry and value.shape != by_id[pid].shape:
+                raise CheckpointError(f"optimizer state {key} of parameter {pid} in {where} has shape "
+                                      f"{tuple(value.shape)}, the parameter {tuple(by_id[pid].shape)}")
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     restore_rng: bool = True) -> dict[str, Any]:
     """Loads a checkpoint folder into ``model`` (and ``optimizer``), restores the RNG states and
     returns ``{"step", "history", "train_config", "extra"}``.
 
-    Raises :class:`CheckpointError` naming the problem for a missing folder or file, a corrupt
-    (e.g. truncated) file, or a checkpoint made for a different model shape or optimizer.
+    Everything is checked before the model changes: both data files against their SHA-256 in
+    config.json, every tensor against its own SHA-256 (so the error names it), every metadata field
+    (step, configs, optimizer hyperparameters). Raises :class:`CheckpointError` naming the problem
+    for a missing folder or file, a corrupt (truncated, altered) file, or a checkpoint made for a
+    different model shape or optimizer; no other exception escapes for a bad checkpoint.
     """
     from safetensors import safe_open
 
@@ -315,10 +435,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     missing = [name for name in (MODEL_FILE, STATE_FILE, CONFIG_FILE) if not (path / name).is_file()]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: missing {missing}")
-    try:
-        config = json.loads((path / CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / CONFIG_FILE} is not valid JSON ({e})") from e
+    config = _read_checkpoint_config(path)
 
     saved_model_config, current = config.get("model"), _model_config_dict(model)
     if saved_model_config is not None and current is not None and saved_model_config != current:
@@ -329,13 +446,30 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     if optimizer is not None and config.get("optimizer_class") not in (None, type(optimizer).__name__):
         raise CheckpointError(f"checkpoint {path} holds {config['optimizer_class']} state; the optimizer here is "
                               f"{type(optimizer).__name__}")
+    try:
+        train_config = TrainConfig.from_dict(config["train"]) if config.get("train") else None
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: invalid train config: {e}") from None
 
+    # Both data files must be exactly what was saved (a pickle is only unpickled once verified).
+    corrupt = [name for name in (MODEL_FILE, STATE_FILE) if _file_sha256(path / name) != config["sha256"][name]]
     try:
         with safe_open(str(path / MODEL_FILE), framework="pt", device="cpu") as f:
-            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+            header = f.metadata() or {}
+            aliases = json.loads(header.get("aliases", "{}"))
+            tensor_sums = json.loads(header.get("sha256", "null"))
             tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:  # safetensors raises its own error type for truncated or garbled files
-        raise CheckpointError(f"cannot read weights {path / MODEL_FILE} (corrupt or truncated?): {e}") from e
+        raise CheckpointError(f"cannot read weights {path / MODEL_FILE} (corrupt or truncated?): {e}") from None
+    if not isinstance(tensor_sums, dict) or not isinstance(aliases, dict) \
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        raise CheckpointError(f"{path / MODEL_FILE}: its header lacks the tensor checksums or has bad aliases")
+    altered = [name for name, t in tensors.items() if tensor_sums.get(name) != _tensor_sha256(t)]
+    if altered or set(tensor_sums) != set(tensors):
+        raise CheckpointError(f"{path / MODEL_FILE} is corrupt: tensors {sorted(altered)[:10]} do not match their "
+                              f"sha256, or tensors are missing {sorted(set(tensor_sums) - set(tensors))[:10]}")
+    if corrupt:  # the tensors are intact: the header or the training state was altered
+        raise CheckpointError(f"{[str(path / name) for name in corrupt]} corrupt: sha256 differs from {CONFIG_FILE}")
     for alias, name in aliases.items():
         if name in tensors:
             tensors[alias] = tensors[name]
@@ -351,24 +485,39 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     try:
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"cannot read {path / STATE_FILE} (corrupt or truncated?): {e}") from e
+        raise CheckpointError(f"cannot read {path / STATE_FILE} (corrupt or truncated?): {e}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path / STATE_FILE} is not a format-{CHECKPOINT_FORMAT} training state")
+    if state.get("step") != config["step"] or not _is_int(state.get("step")):
+        raise CheckpointError(f"{path}: step {state.get('step')!r} in {STATE_FILE} differs from step "
+                              f"{config['step']!r} in {CONFIG_FILE}")
+    if not isinstance(state.get("history"), list) or not isinstance(state.get("extra"), dict) \
+            or not isinstance(state.get("rng"), dict):
+        raise CheckpointError(f"{path / STATE_FILE}: history, extra or rng has the wrong type")
+    if state.get("train") != config.get("train"):
+        raise CheckpointError(f"{path}: the train config in {CONFIG_FILE} differs from the one saved in {STATE_FILE}")
+    if optimizer is not None:
+        if state.get("optimizer") is None:
+            raise CheckpointError(f"checkpoint {path} holds no optimizer state")
+        _check_optimizer_state(state["optimizer"], optimizer, path)
 
+    # Everything checked: set the RNGs and the optimizer (torch checks the state dict before it
+    # changes anything; the RNGs are put back if either refuses), then the model, whose names and
+    # shapes were checked above.
+    rng_before = _rng_state()
+    try:
+        if restore_rng:
+            _set_rng_state(state["rng"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    except Exception as e:
+        _set_rng_state(rng_before)
+        raise CheckpointError(f"checkpoint {path}: the optimizer or RNG state does not fit "
+                              f"({type(e).__name__}: {e})") from None
     with torch.no_grad():
         model.load_state_dict(tensors, strict=True)
-    if optimizer is not None:
-        if state["optimizer"] is None:
-            raise CheckpointError(f"checkpoint {path} holds no optimizer state")
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"optimizer state in {path} does not fit this optimizer: {e}") from e
-    if restore_rng:
-        _set_rng_state(state["rng"])
-    train = config.get("train")
     return {"step": state["step"], "history": state["history"], "extra": state["extra"],
-            "train_config": TrainConfig.from_dict(train) if train else None}
+            "train_config": train_config}
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
@@ -639,8 +788,8 @@ class Trainer:
         """Restores model, optimizer, step, history and RNG states from ``path`` so that
         :meth:`train` continues the exact same run. Returns the step."""
         try:
-            saved = json.loads((Path(path) / CONFIG_FILE).read_text()).get("train")
-        except (OSError, ValueError, AttributeError):
+            saved = _read_checkpoint_config(Path(path)).get("train")
+        except (OSError, CheckpointError):
             saved = None  # load_checkpoint below reports what is wrong with the folder
         if saved is not None:
             # These decide which data each step sees and what the optimizer state means: a
