@@ -360,6 +360,24 @@ def test_transformers_rebuilds_the_tokenizer(written) -> None:
 
 
 @pytest.mark.smollm2
+def test_requantizing_smollm2_reproduces_llama_cpp_bytes() -> None:
+    """The SmolLM2 file was quantized by llama.cpp. Dequantizing a tensor and quantizing it again
+    to its own type gives the file's bytes back, for all 210 Q4_1 matrices and the Q8_0 embedding:
+    each Q4_1 block's minimum and maximum sit on its levels 0 and 15 (and a Q8_0 block's largest
+    magnitude on +-127), so d, m and every q are recovered."""
+    from llama_from_scratch import find_smollm2_gguf
+
+    with read_gguf(find_smollm2_gguf()) as g:
+        checked = {"Q4_1": 0, "Q8_0": 0}
+        for name, info in g.tensors.items():
+            if info.ggml_type in checked:
+                again = quantize(g.load_tensor(name), info.ggml_type)
+                assert np.array_equal(again, np.asarray(g.raw_tensor(name))), name
+                checked[info.ggml_type] += 1
+    assert checked == {"Q4_1": 210, "Q8_0": 1}
+
+
+@pytest.mark.smollm2
 def test_smollm2_tokenizer_travels(tmp_path) -> None:
     """SmolLM2's real tokenizer (49,152 tokens, 48,900 merges, ChatML template), written with a
     small model, comes back from transformers encoding exactly as the package's tokenizer."""
