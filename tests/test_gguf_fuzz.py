@@ -358,6 +358,38 @@ def test_the_unmutated_file_equals_the_gguf_reference(tmp_path):
     assert (config.n_layers, config.dim, config.vocab_size, config.n_kv_heads) == (LAYERS, DIM, VOCAB, KV_HEADS)
 
 
+def _patch_entry(data: bytes, name: str, field: str, value: int) -> bytes:
+    """The tensor-table entry of `name` with its "type" or "offset" replaced."""
+    at = _entry_position(data, name)
+    pos = at + 4 + 8 * struct.unpack_from("<I", data, at)[0] + (0 if field == "type" else 4)
+    fmt = "<I" if field == "type" else "<Q"
+    return data[:pos] + struct.pack(fmt, value) + data[pos + struct.calcsize(fmt):]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d, f: _patch_entry(d, "blk.0.attn_q.weight", "offset", f.tensors["blk.0.attn_norm.weight"].offset),
+     # token_embd: 64 x 64 Q8_0 = 128 blocks x 34 bytes = 4352; attn_norm: 64 F32 = 256 bytes
+     "tensor 'blk.0.attn_q.weight' has data offset 4352, expected 4608 (the end of tensor 'blk.0.attn_norm.weight'"),
+    (lambda d, f: _patch_entry(d, "output.weight", "type", int(QT.Q4_0)), "bytes after the end of the last tensor"),
+    (lambda d, f: _patch_entry(d, "blk.1.ffn_up.weight", "type", int(QT.Q8_0)), "'blk.1.ffn_down.weight' has data"),
+    ({"llama.block_count": (LAYERS + 1, VT.UINT32)}, "block_count = 3, but the file holds tensors of layers 0..1"),
+    ({"tokenizer.ggml.bos_token_id": (VOCAB, VT.UINT32)}, r"bos_token_id = 64 is not an integer in \[0, 63\]"),
+    ({"llama.context_length": (2**24, VT.UINT32)}, r"context_length = 16777216 is not an integer in \[1, 1048576\]"),
+    ({"llama.rope.freq_base": (float("inf"), VT.FLOAT32)}, "rope.freq_base = inf is not a finite number"),
+    ({"llama.attention.layer_norm_rms_epsilon": (1e-45, VT.FLOAT32)}, "layer_norm_rms_epsilon = 1.4"),
+], ids=["overlap", "last-type-shrinks", "type-shifts-next", "layers", "bos", "context", "rope-base", "eps"])
+def test_targeted_refusals_name_the_problem(tmp_path, mutate, message):
+    path = tmp_path / "tiny.gguf"
+    if isinstance(mutate, dict):
+        write_tiny_gguf(path, mutate)
+    else:
+        write_tiny_gguf(path)
+        data = path.read_bytes()
+        path.write_bytes(mutate(data, read_gguf_bytes(data)))
+    with pytest.raises(GGUFError, match=message.replace("(", r"\(")):
+        config_from_gguf(read_gguf(path))
+
+
 # ---------------------------------------------------------------------------------------------
 # the real SmolLM2 file
 
