@@ -286,6 +286,8 @@ def _clean_stale_saves(folder: Path) -> None:
         name = entry.name
         if not (name.startswith(".") and entry.is_dir()):
             continue
+        if not {f.name for f in entry.iterdir()} <= {MODEL_FILE, STATE_FILE, CONFIG_FILE}:
+            continue  # not a checkpoint's folder: never delete what a save did not write
         for marker in (".tmp-", ".old-"):
             if marker not in name:
                 continue

@@ -328,13 +328,16 @@ def test_stale_temporary_folders_are_cleaned_on_the_next_save(tmp_path):
     stale = [tmp_path / f".step_000001.tmp-{dead}-abc", tmp_path / ".step_000001.tmp-x8f2k"]  # old naming too
     live = tmp_path / f".step_000009.tmp-{os.getppid()}-def"  # a save in progress in a living process
     moved = tmp_path / f".step_000003.old-{dead}"  # a killed save had moved the old checkpoint aside
-    for folder in stale + [live, moved]:
+    unrelated = tmp_path / f".notes.tmp-{dead}-x"  # same naming, but holds files no save writes
+    for folder in stale + [live, moved, unrelated]:
         folder.mkdir()
-    (moved / "marker").write_text("previous checkpoint")
+    (stale[0] / "model.safetensors").write_bytes(b"half")
+    (moved / "config.json").write_text("previous checkpoint")
+    (unrelated / "notes.txt").write_text("keep me")
     trainer.save_checkpoint(tmp_path / "step_000000")
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == sorted([live.name, "step_000000", "step_000003"])
-    assert (tmp_path / "step_000003" / "marker").read_text() == "previous checkpoint"
+    assert names == sorted([live.name, unrelated.name, "step_000000", "step_000003"])
+    assert (tmp_path / "step_000003" / "config.json").read_text() == "previous checkpoint"
 
 
 def test_save_killed_with_sigkill_is_cleaned_and_resume_is_exact(tmp_path):
