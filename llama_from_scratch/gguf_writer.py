@@ -28,7 +28,10 @@ Three things make a model file rather than just a container:
   (halves away from zero). The bytes equal ``gguf.quants.quantize``'s (tested).
 
 As llama.cpp's converter does, 1-D tensors (the RMSNorm gains) stay float32 whatever ``dtype`` is
-asked for: they are tiny and every backend computes norms in float32.
+asked for: they are tiny and every backend computes norms in float32. Llama 3.1's RoPE scaling
+travels the way llama.cpp stores it, as a float32 tensor ``rope_freqs.weight`` holding the
+``head_dim / 2`` factors that divide each frequency (transformers' GGUF loader ignores that tensor,
+in llama.cpp's own files as in these).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import numpy as np
 import torch
 
 from llama_from_scratch.gguf_reader import DEFAULT_ALIGNMENT, GGML_TYPES, GGUF_MAGIC
-from llama_from_scratch.rope import unpermute_qk
+from llama_from_scratch.rope import rope_inv_freq, unpermute_qk
 
 __all__ = ["GGUF_WRITE_DTYPES", "hf_to_gguf_name", "quantize", "save_gguf"]
 
@@ -262,8 +265,37 @@ def _gguf_tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
         elif hf_name.endswith("k_proj.weight"):
             tensor = unpermute_qk(tensor, config.n_kv_heads)
         tensors.append((hf_to_gguf_name(hf_name), tensor))
-    order = {"token_embd.weight": 0, "output_norm.weight": 2, "output.weight": 3}
+    rope_freqs = _rope_freqs(config)
+    if rope_freqs is not None:
+        tensors.append(("rope_freqs.weight", rope_freqs))
+    order = {"rope_freqs.weight": -1, "token_embd.weight": 0, "output_norm.weight": 2, "output.weight": 3}
     return sorted(tensors, key=lambda item: order.get(item[0], 1))  # stable: blocks keep their order
+
+
+def _rope_freqs(config: Any) -> torch.Tensor | None:
+    """llama.cpp's ``rope_freqs.weight`` for llama3 RoPE scaling (None without scaling).
+
+    Readers (llama.cpp, this package's loader) recover the scaling from these factors assuming
+    Llama 3.1's ``low_freq_factor = 1`` and ``high_freq_factor = 4``, and take ``factor`` as the
+    largest of them: other settings could not be read back, so they are refused.
+    """
+    scaling = config.rope_scaling
+    if scaling is None:
+        return None
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        raise ValueError(f"RoPE scaling {scaling} is not exported; only default and llama3 RoPE are supported")
+    if float(scaling["low_freq_factor"]) != 1.0 or float(scaling["high_freq_factor"]) != 4.0:
+        raise ValueError(
+            f"llama3 RoPE scaling with low_freq_factor={scaling['low_freq_factor']}, high_freq_factor="
+            f"{scaling['high_freq_factor']} cannot be exported: GGUF readers assume Llama 3.1's 1 and 4"
+        )
+    factors = rope_inv_freq(config.head_dim, config.rope_theta) / rope_inv_freq(config.head_dim, config.rope_theta, scaling)
+    if not torch.isclose(factors.max(), torch.tensor(float(scaling["factor"])), rtol=1e-6):
+        raise ValueError(
+            f"no RoPE frequency of this model is slowed by the full factor {scaling['factor']} (head_dim "
+            f"{config.head_dim}, rope_theta {config.rope_theta}): GGUF readers could not recover it"
+        )
+    return factors
 
 
 def _safe_name(name: str) -> str | None:
@@ -298,15 +330,14 @@ def save_gguf(
         name: ``general.name``.
 
     Returns the path. Raises ``ValueError`` for an unknown dtype, rows that the block size does
-    not divide, weights beyond float16's range with ``"f16"``, RoPE scaling (not exported) or
-    parameters that have no llama.cpp name (un-merged LoRA, 4-bit layers).
+    not divide, NaN or infinite weights, weights beyond float16's range with ``"f16"``, RoPE
+    scaling other than Llama 3.1's, or parameters that have no llama.cpp name (un-merged LoRA,
+    4-bit layers).
     """
     if dtype not in GGUF_WRITE_DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(GGUF_WRITE_DTYPES)}")
     ggml_type, file_type = GGUF_WRITE_DTYPES[dtype]
     config = model.config
-    if config.rope_scaling is not None:
-        raise ValueError(f"RoPE scaling {config.rope_scaling} is not exported; only default RoPE is supported")
     tensors = _gguf_tensors(model)
 
     types = {}
@@ -319,10 +350,15 @@ def save_gguf(
                 f"{tensor.shape[-1]} (shape {tuple(tensor.shape)}); use f16 or f32, or a width that is a "
                 f"multiple of {block}"
             )
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{tname} has NaN or infinite values; nothing to export")
         if ggml_type == "F16" and tensor.dim() == 2 and tensor.abs().max() > _F16_MAX:
             raise ValueError(f"{tname} has values beyond float16's range (+-{_F16_MAX:g}); use f32 or a q type")
 
     metadata = _llama_metadata(config, name, file_type)
+    if config.rope_scaling is not None:  # used by readers with rope_freqs.weight (YaRN's key in llama.cpp)
+        original = int(config.rope_scaling["original_max_position_embeddings"])
+        metadata.append(("llama.rope.scaling.original_context_length", _UINT32, original))
     if tokenizer is not None:
         metadata += _tokenizer_metadata(tokenizer, config.vocab_size)
 

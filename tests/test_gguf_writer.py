@@ -17,6 +17,8 @@ and untied, std 0.02 weights, 64-wide): f16 6.1e-4, q8_0 1.7e-2, q4_1 0.20, q4_0
 weights of a 64-wide toy are the worst case for 4-bit blocks). The bounds asserted are about
 twice those: 1.5e-3, 4e-2, 0.4, 0.4.
 
+Llama 3.1 RoPE scaling travels as llama.cpp stores it, a `rope_freqs.weight` tensor (checked
+with the gguf package and read back by `Llama.from_gguf`; transformers' loader ignores that tensor).
 llama.cpp itself (`llama-cpp-python`) is optional: its test is skipped with a reason when the
 package is not importable.
 """
@@ -38,7 +40,7 @@ from llama_from_scratch import LlamaConfig, Llama, SmolLM2Tokenizer, apply_lora,
 from llama_from_scratch.gguf_writer import GGUF_WRITE_DTYPES, hf_to_gguf_name, quantize  # noqa: E402
 from llama_from_scratch.gguf_reader import dequantize  # noqa: E402
 from llama_from_scratch.loading import config_from_gguf, gguf_to_hf_name  # noqa: E402
-from llama_from_scratch.rope import permute_qk_for_rotate_half, unpermute_qk  # noqa: E402
+from llama_from_scratch.rope import permute_qk_for_rotate_half, rope_inv_freq, unpermute_qk  # noqa: E402
 from llama_from_scratch.smollm2_tokenizer import bytes_to_unicode  # noqa: E402
 
 DTYPES = list(GGUF_WRITE_DTYPES)
@@ -82,7 +84,7 @@ def reference_quantized(model: Llama, dtype: str) -> Llama:
     Hugging Face's row order gives the same values as in GGUF's.
     """
     qtype = gguf.GGMLQuantizationType[GGUF_WRITE_DTYPES[dtype][0]]
-    ref = tiny_model(model.config.tie_embeddings)
+    ref = Llama(model.config)
     ref.load_state_dict(model.state_dict())
     with torch.no_grad():
         for p in ref.parameters():
@@ -317,6 +319,29 @@ def test_metadata_round_trip(written) -> None:
     assert back.encode(text) == tok.encode(text) and back.chat_template == CHAT_TEMPLATE
 
 
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_llama3_rope_scaling_travels_as_rope_freqs(tmp_path, ids, dtype: str) -> None:
+    """Llama 3.1's RoPE scaling is stored as llama.cpp stores it: a float32 `rope_freqs.weight`
+    of head_dim / 2 factors (checked with the gguf package), from which the loader recovers it."""
+    model = tiny_model(tie=False, rope_scaling=LLAMA3_SCALING)
+    path = save_gguf(model, tmp_path / "llama3.gguf", dtype=dtype)
+    reader = gguf.GGUFReader(str(path))
+    freqs = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    assert freqs.tensor_type.name == "F32" and list(freqs.shape) == [8]
+    plain, scaled = rope_inv_freq(16, 50000.0), rope_inv_freq(16, 50000.0, LLAMA3_SCALING)
+    torch.testing.assert_close(torch.from_numpy(np.array(freqs.data)), plain / scaled, rtol=0, atol=0)
+    assert 1.0 in freqs.data and 8.0 in freqs.data  # high frequencies kept, low ones slowed 8x
+    loaded = Llama.from_gguf(path)
+    assert loaded.config == model.config
+    with torch.no_grad():
+        expected = model(ids) if dtype == "f32" else reference_quantized(model, dtype)(ids)
+        torch.testing.assert_close(loaded(ids), expected, rtol=0, atol=1e-6)
+
+
 def test_without_tokenizer(tmp_path) -> None:
     model = tiny_model(tie=True)
     path = save_gguf(model, tmp_path / "m.gguf", name="tiny")
@@ -433,11 +458,14 @@ def test_bad_input_raises_clear_errors(tmp_path) -> None:
         big.model.layers[0].mlp.up_proj.weight[0, 0] = 1e5
     with pytest.raises(ValueError, match="blk.0.ffn_up.weight has values beyond float16's range"):
         save_gguf(big, tmp_path / "x.gguf", dtype="f16")
-    scaled = tiny_model(tie=True, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192})
-    with pytest.raises(ValueError, match="RoPE scaling"):
-        save_gguf(scaled, tmp_path / "x.gguf")
+    odd_scaling = tiny_model(tie=True, rope_scaling=dict(LLAMA3_SCALING, low_freq_factor=2.0))
+    with pytest.raises(ValueError, match="GGUF readers assume Llama 3.1's 1 and 4"):
+        save_gguf(odd_scaling, tmp_path / "x.gguf")
+    broken = tiny_model(tie=True)
+    with torch.no_grad():
+        broken.model.norm.weight[3] = float("nan")
+    with pytest.raises(ValueError, match="output_norm.weight has NaN or infinite values"):
+        save_gguf(broken, tmp_path / "x.gguf")
     lora = apply_lora(tiny_model(tie=False), r=4, target_modules=["q_proj"])
     with pytest.raises(ValueError, match="merge LoRA adapters"):
         save_gguf(lora, tmp_path / "x.gguf")
