@@ -8,9 +8,10 @@ COMMANDS = """llama_from_scratch commands:
   python -m llama_from_scratch generate "PROMPT" [--raw ...]          answer one prompt and exit
   python -m llama_from_scratch.grade NOTEBOOK...   grade exercise notebooks
   python -m llama_from_scratch.release [--check]   generate exercises/ from solutions/
+  python -m llama_from_scratch.release --student-release DIR   exercises + README + requirements for students
   python -m llama_from_scratch.setup_check         what is missing on this machine, and how to fix it
-  python -m llama_from_scratch.pretrain --synthetic --max_steps 200   pretrain (also under torchrun)
-(chat and generate: --help lists their flags)
+  python -m llama_from_scratch.pretrain --synthetic --max_steps 200   pretrain (also under torchrun; run folder in runs/)
+(every command: --help lists its flags, their defaults and meaning)
 """
 
 

@@ -20,6 +20,7 @@ Two things need care when text is shown while it is generated:
     python -m llama_from_scratch chat                          # interactive; /reset, /exit, Ctrl-D
     python -m llama_from_scratch generate "What is the capital of France?" --temperature 0
     python -m llama_from_scratch generate --raw "Once upon a time" --max-new-tokens 40
+    python -m llama_from_scratch chat --repetition-penalty 1.2 --stats   # less looping; tokens/s per answer
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -174,6 +176,16 @@ def _seed(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def _add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=_nonneg_float, default=DEFAULT_TEMPERATURE,
                    help=f"sampling temperature, 0 = greedy (default {DEFAULT_TEMPERATURE})")
@@ -182,6 +194,13 @@ def _add_generation_flags(p: argparse.ArgumentParser) -> None:
                         f"(default {DEFAULT_TOP_P})")
     p.add_argument("--top-k", type=_positive_int, default=None,
                    help="keep only the k most likely tokens (default off)")
+    p.add_argument("--repetition-penalty", type=_positive_float, default=1.0,
+                   help="divide the positive logits (multiply the negative ones) of tokens already in the "
+                        "prompt or answer by this, as transformers does; > 1 discourages repeating, "
+                        "1.2 is a common choice (default 1.0: off)")
+    p.add_argument("--stats", action="store_true",
+                   help="after each answer, print its speed to stderr: new tokens, seconds, tokens/s, and the "
+                        "time to the first token (the prompt's forward pass)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"longest answer, in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -243,8 +262,10 @@ class _Session:
         eos = self.tokenizer.eos_token_id
         decoder = StreamDecoder(self.tokenizer)
         pieces: list[str] = []
+        token_times: list[float] = []  # when each new token (EOS included) was chosen
 
         def stream(next_tokens: torch.Tensor) -> None:
+            token_times.append(time.perf_counter())
             token = int(next_tokens[0])
             if token == eos:
                 return
@@ -255,9 +276,11 @@ class _Session:
                 self.out.flush()
 
         ids = torch.tensor([list(prompt_ids)], device=self.device)
+        started = time.perf_counter()
         try:
             generate(self.model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                     top_p=args.top_p, eos_token_id=eos, generator=self.generator, stream=stream)
+                     top_p=args.top_p, repetition_penalty=args.repetition_penalty, eos_token_id=eos,
+                     generator=self.generator, stream=stream)
         finally:
             rest = decoder.flush()
             if rest:
@@ -265,7 +288,24 @@ class _Session:
                 self.out.write(rest)
             self.out.write("\n")
             self.out.flush()
+            if getattr(args, "stats", False):
+                sys.stderr.write(speed_line(len(prompt_ids), started, token_times) + "\n")
+                sys.stderr.flush()
         return "".join(pieces)
+
+
+def speed_line(prompt_tokens: int, started: float, token_times: Sequence[float]) -> str:
+    """``[N tokens in T s: R tokens/s; first token after F s (prompt P tokens)]``: R counts the
+    tokens after the first over the time after the first, the decoding speed, which the prompt's
+    forward pass (the first token's wait) does not dilute."""
+    n = len(token_times)
+    if n == 0:
+        return f"[0 tokens; prompt {prompt_tokens} tokens]"
+    total = token_times[-1] - started
+    first = token_times[0] - started
+    rate = (n - 1) / (token_times[-1] - token_times[0]) if n > 1 and token_times[-1] > token_times[0] else n / max(total, 1e-9)
+    return (f"[{n} tokens in {total:.2f} s: {rate:.1f} tokens/s; first token after {first:.2f} s "
+            f"(prompt {prompt_tokens} tokens)]")
 
 
 def _read_line(prompt: str, inp: TextIO, out: TextIO) -> str | None:

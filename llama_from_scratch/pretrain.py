@@ -13,17 +13,25 @@ Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialized (gloo o
 CUDA), the model wrapped in DistributedDataParallel, and ``--batch_size`` is *per process*: two
 processes with batch b compute the same steps as one process with batch 2b. Only rank 0 logs,
 samples, saves checkpoints and writes ``--history_out``.
+
+Unless told where outputs go (``--checkpoint_dir``, ``--history_out``), a run writes them to a run
+folder it names at the start, ``runs/pretrain_<UTC time>`` (``--run_dir`` picks another, ``--run_dir
+none`` keeps nothing): ``checkpoints/step_XXXXXX`` (every ``--checkpoint_interval`` steps and at the
+end), ``history.json`` and ``loss.png`` (the training and validation loss curves).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
+import re
 import sys
 import typing
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +44,51 @@ from llama_from_scratch.trainer import Trainer, TrainConfig, latest_checkpoint
 
 PRESETS = {"tiny": LlamaConfig.tiny, "smollm2_135m": LlamaConfig.smollm2_135m}
 DATA_KEYS = {"path", "tokenizer", "synthetic", "block_size", "val_fraction"}
+RUNS_ROOT = Path("runs")
+# warmup used when the default (TrainConfig.warmup_steps) would not fit in --max_steps
+SHORT_RUN_WARMUP_SHARE = 0.1
+
+
+# Fields the docstring describes as a group ("max_lr, min_lr, warmup_steps: cosine_schedule"):
+# their own words on the command line.
+FLAG_HELP = {
+    "max_lr": "peak learning rate, reached at the end of the warmup",
+    "min_lr": "learning rate the cosine decay ends at (step max_steps)",
+    "warmup_steps": "steps of linear warmup from 0 to max_lr (a short run with the default: 10%% of max_steps)",
+    "betas": "AdamW's beta1,beta2 (comma-separated)",
+    "eps": "AdamW's epsilon",
+    "sample_prompt": "the prompt of the printed samples",
+    "sample_tokens": "new tokens per printed sample",
+    "sample_temperature": "sampling temperature of the printed samples",
+    "sample_top_k": "top-k of the printed samples (none: no cut)",
+    "galore_rank": "GaLore: rank of the gradient projection",
+    "galore_update_proj_gap": "GaLore: steps between recomputing the projection",
+    "galore_scale": "GaLore: scale of the projected update",
+    "checkpoint_dir": "where step_XXXXXX checkpoint folders go (default on the command line: <run_dir>/checkpoints)",
+}
+
+
+def field_help() -> dict[str, str]:
+    """The meaning of every TrainConfig field, from the ``Attributes:`` section of its docstring
+    (one source of truth for the class and the command line). Lines naming several fields
+    (``max_lr, min_lr, warmup_steps: ...``) give each of them that text."""
+    doc = TrainConfig.__doc__ or ""
+    section = doc.split("Attributes:", 1)[-1]
+    meanings: dict[str, str] = {}
+    names: list[str] = []
+    for line in section.splitlines():
+        match = re.match(r"\s{8}([a-z_][a-z0-9_, ]*):\s(.*)", line)
+        if match:
+            names = [n.strip() for n in match.group(1).split(",")]
+            for name in names:
+                meanings[name] = match.group(2).strip()
+        elif line.strip() and names:
+            for name in names:
+                meanings[name] += " " + line.strip()
+    for name, text in meanings.items():  # reStructuredText markup reads badly in a terminal
+        text = re.sub(r":\w+:`~?(?:[\w.]+\.)?(\w+)`", r"\1", text).replace("``", "")
+        meanings[name] = text.rstrip(".").replace("%", "%%")
+    return meanings
 
 
 def _parse_bool(text: str) -> bool:
@@ -63,9 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--block_size", type=int, help="tokens per training sequence (default: min(128, max_seq_len))")
     parser.add_argument("--val_fraction", type=float, help="share of documents held out (default 0.1)")
     parser.add_argument("--model", help="JSON object of LlamaConfig fields, with optional 'preset' (default tiny)")
-    parser.add_argument("--resume", help="a checkpoint folder, or 'latest' (in checkpoint_dir)")
+    parser.add_argument("--resume", help="a checkpoint folder, or 'latest': the newest in --checkpoint_dir, "
+                        "else in --run_dir, else in the newest runs/pretrain_* folder")
     parser.add_argument("--history_out", help="write the history (JSON) here (rank 0)")
+    parser.add_argument("--run_dir", help="folder for checkpoints/, history.json and loss.png (default: "
+                        f"{RUNS_ROOT}/pretrain_<UTC time> unless --checkpoint_dir or --history_out is given; "
+                        "'none': write nothing)")
     hints = typing.get_type_hints(TrainConfig)
+    meanings = field_help()
     for f in dataclasses.fields(TrainConfig):
         hint = hints[f.name]
         args = typing.get_args(hint)
@@ -80,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
             convert = str
         if type(None) in args:
             convert = _optional(convert)
-        parser.add_argument(f"--{f.name}", type=convert, default=None, help=f"TrainConfig.{f.name}")
+        default = ",".join(str(b) for b in f.default) if f.name == "betas" else f.default
+        meaning = FLAG_HELP.get(f.name) or meanings.get(f.name, f"TrainConfig.{f.name}")
+        parser.add_argument(f"--{f.name}", type=convert, default=None, help=f"{meaning} (default: {default})")
     return parser
 
 
@@ -110,10 +170,18 @@ def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, dict, dict, arg
         value = getattr(args, f.name)
         if value is not None:
             file_cfg[f.name] = value
+    max_steps = file_cfg.get("max_steps", TrainConfig.max_steps)
+    if "warmup_steps" not in file_cfg and isinstance(max_steps, int) and TrainConfig.warmup_steps > max_steps:
+        # a short run (--max_steps 60) with the default warmup (100) would never reach max_lr
+        file_cfg["warmup_steps"] = int(SHORT_RUN_WARMUP_SHARE * max_steps)
+        print(f"note: the default warmup ({TrainConfig.warmup_steps} steps) exceeds --max_steps {max_steps}; "
+              f"warming up for {file_cfg['warmup_steps']} steps instead (set --warmup_steps to choose)",
+              file=sys.stderr)
     try:
         config = TrainConfig.from_dict(file_cfg)
     except (TypeError, ValueError) as e:
-        raise SystemExit(f"bad training config: {e}") from e
+        hint = " (lower --warmup_steps or raise --max_steps)" if "warmup_steps" in str(e) else ""
+        raise SystemExit(f"bad training config: {e}{hint}") from e
     return config, model_cfg, data_cfg, args
 
 
@@ -152,6 +220,45 @@ def load_data(data_cfg: dict, model_config: LlamaConfig, seed: int):
     return pack_tokens(train_docs, block_size, eos), pack_tokens(val_docs, block_size, eos), tokenizer
 
 
+def choose_run_dir(args: argparse.Namespace, config: TrainConfig) -> Path | None:
+    """The run folder: ``--run_dir`` (None for ``none``), else a new ``runs/pretrain_<UTC time>``
+    when the command line names no other place for the outputs, else None."""
+    if args.run_dir is not None:
+        return None if args.run_dir.strip().lower() == "none" else Path(args.run_dir)
+    if config.checkpoint_dir or args.history_out:
+        return None
+    return RUNS_ROOT / datetime.datetime.now(datetime.timezone.utc).strftime("pretrain_%Y%m%d_%H%M%S")
+
+
+def latest_run_checkpoint(runs_root: Path = RUNS_ROOT) -> Path | None:
+    """The newest checkpoint of the newest run folder under ``runs_root`` that has one."""
+    for run in sorted((p for p in runs_root.glob("pretrain_*") if p.is_dir()), reverse=True):
+        found = latest_checkpoint(run / "checkpoints")
+        if found is not None:
+            return found
+    return None
+
+
+def plot_history(history: list[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """A PNG of the training loss per step, and the validation loss where it was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in history], [r["train_loss"] for r in history], label="train", linewidth=1)
+    val = [(r["step"], r["val_loss"]) for r in history if r.get("val_loss") is not None]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +270,25 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
+    run_dir = choose_run_dir(args, config)
+    resume_from = None
+    if args.resume == "latest" and not config.checkpoint_dir and args.run_dir is None and run_dir is not None:
+        resume_from = latest_run_checkpoint()  # a default run folder is new: continue the newest run
+        if resume_from is not None:
+            run_dir = resume_from.parent.parent
+    if dist.is_initialized():  # every rank uses rank 0's run folder (the clocks may differ)
+        shared = [run_dir]
+        dist.broadcast_object_list(shared, src=0)
+        run_dir = shared[0]
+    if run_dir is not None and not config.checkpoint_dir:
+        config = dataclasses.replace(config, checkpoint_dir=str(run_dir / "checkpoints"))
+    if rank == 0:
+        if run_dir is not None:
+            every = f"every {config.checkpoint_interval} steps and " if config.checkpoint_interval else ""
+            print(f"run folder: {run_dir} (checkpoints in {config.checkpoint_dir} {every}at the end, "
+                  "history.json, loss.png)", flush=True)
+        elif not config.checkpoint_dir:
+            print("note: no checkpoints will be saved (--checkpoint_dir or --run_dir to keep them)", flush=True)
     try:
         model_config = build_model_config(model_cfg)
         seed_everything(config.seed)  # the same initial weights in every process
@@ -174,9 +300,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"val blocks {tuple(val_blocks.shape)}; world size {trainer.world_size}; device {trainer.device}; "
                   f"{'bf16 autocast' if trainer.use_bf16 else 'fp32'}", flush=True)
         if args.resume:
-            path = latest_checkpoint(config.checkpoint_dir) if args.resume == "latest" else Path(args.resume)
+            if resume_from is not None:
+                path = resume_from
+            elif args.resume == "latest":
+                path = latest_checkpoint(config.checkpoint_dir) if config.checkpoint_dir else None
+            else:
+                path = Path(args.resume)
             if path is None:
-                raise SystemExit(f"--resume latest: no checkpoint in {config.checkpoint_dir}")
+                where = config.checkpoint_dir or f"any {RUNS_ROOT}/pretrain_* folder"
+                raise SystemExit(f"--resume latest: no checkpoint in {where}")
             step = trainer.load_checkpoint(path)
             if rank == 0:
                 print(f"resumed from {path} at step {step}", flush=True)
@@ -187,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
                               "val_loss": last.get("val_loss")}), flush=True)
             if args.history_out:
                 Path(args.history_out).write_text(json.dumps(history, indent=1))
+            if run_dir is not None:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "history.json").write_text(json.dumps(history, indent=1))
+                if history:
+                    plot_history(history, run_dir / "loss.png")
+                print(f"wrote {run_dir / 'history.json'} and {run_dir / 'loss.png'}", flush=True)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

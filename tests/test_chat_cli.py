@@ -205,3 +205,63 @@ def test_streamed_text_equals_decode_with_multibyte_characters(session):
     pieces = [decoder.push(i) for i in ids]
     assert "".join(pieces) + decoder.flush() == tok.decode(ids) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+# --------------------------------------------------------------------------------------------
+# --repetition-penalty and --stats
+# --------------------------------------------------------------------------------------------
+
+
+def test_repetition_penalty_flag_default_and_bad_values(capsys):
+    assert build_parser().parse_args(["chat"]).repetition_penalty == 1.0  # off, as transformers' default
+    assert build_parser().parse_args(["generate", "hi", "--repetition-penalty", "1.3"]).repetition_penalty == 1.3
+    for bad in ("0", "-1", "inf", "x"):
+        with pytest.raises(SystemExit) as exc:
+            build_parser().parse_args(["chat", "--repetition-penalty", bad])
+        assert exc.value.code == 2
+        assert "--repetition-penalty" in capsys.readouterr().err
+
+
+def test_speed_line_counts_decoding_after_the_first_token():
+    from llama_from_scratch.chat import speed_line
+
+    # prompt pass 0.5 s, then 4 more tokens 0.1 s apart: 4 tokens / 0.4 s = 10 tokens/s
+    line = speed_line(7, 10.0, [10.5, 10.6, 10.7, 10.8, 10.9])
+    assert line == "[5 tokens in 0.90 s: 10.0 tokens/s; first token after 0.50 s (prompt 7 tokens)]"
+    assert speed_line(3, 1.0, []) == "[0 tokens; prompt 3 tokens]"
+
+
+@pytest.mark.smollm2
+def test_repetition_penalty_reaches_generate_and_stats_count_the_tokens(session, capsys):
+    """Greedy with --repetition-penalty 1.3: the streamed answer is generate()'s own with that
+    penalty (generate is compared with transformers in test_generation.py), not the unpenalised
+    one; --stats reports as many tokens as generate chose."""
+    import re
+
+    import torch
+
+    from llama_from_scratch.generation import generate
+
+    saved = session.args
+    session.args = build_parser().parse_args(["chat", "--temperature", "0", "--max-new-tokens", "24",
+                                              "--repetition-penalty", "1.3", "--stats"])
+    session.out = io.StringIO()
+    try:
+        conversation = Conversation(session.tokenizer)
+        conversation.add_user("List the numbers from one to ten, in words.")
+        prompt = conversation.prompt_ids()
+        capsys.readouterr()
+        answer = session.answer(prompt)
+        err = capsys.readouterr().err
+    finally:
+        session.args = saved
+    ids = torch.tensor([prompt])
+    eos = session.tokenizer.eos_token_id
+    expected = generate(session.model, ids, 24, temperature=0, repetition_penalty=1.3, eos_token_id=eos)[0, len(prompt):]
+    plain = generate(session.model, ids, 24, temperature=0, eos_token_id=eos)[0, len(prompt):]
+    assert not torch.equal(expected, plain)  # the penalty changes this answer: the test can fail
+    assert answer == session.tokenizer.decode([t for t in expected.tolist() if t != eos], skip_special_tokens=True)
+    match = re.search(r"\[(\d+) tokens in [\d.]+ s: [\d.]+ tokens/s; first token after [\d.]+ s "
+                      rf"\(prompt {len(prompt)} tokens\)\]", err)
+    assert match, err
+    assert int(match.group(1)) == len(expected)
