@@ -161,7 +161,7 @@ function's name and arguments. Do not rename the notebook file.
 ```bash
 python3.11 -m venv .venv && . .venv/bin/activate
 pip install torch --index-url https://download.pytorch.org/whl/cpu   # or any torch >= 2.4
-pip install -r requirements.txt                                        # the course package and grader
+pip install -r requirements.txt        # the course package, its grader and the libraries its checks compare with
 jupyter lab exercises/                                                 # if you have JupyterLab
 ```
 
