@@ -274,8 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     resume_from = None
     if args.resume == "latest" and not config.checkpoint_dir and args.run_dir is None and run_dir is not None:
         resume_from = latest_run_checkpoint()  # a default run folder is new: continue the newest run
-        if resume_from is not None:
-            run_dir = resume_from.parent.parent
+        if resume_from is None:
+            raise SystemExit(f"--resume latest: no checkpoint in any {RUNS_ROOT}/pretrain_* folder "
+                             "(--checkpoint_dir or --run_dir to look elsewhere)")
+        run_dir = resume_from.parent.parent
     if dist.is_initialized():  # every rank uses rank 0's run folder (the clocks may differ)
         shared = [run_dir]
         dist.broadcast_object_list(shared, src=0)
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 path = Path(args.resume)
             if path is None:
-                where = config.checkpoint_dir or f"any {RUNS_ROOT}/pretrain_* folder"
+                where = config.checkpoint_dir or "any folder: --run_dir none leaves none to look in"
                 raise SystemExit(f"--resume latest: no checkpoint in {where}")
             step = trainer.load_checkpoint(path)
             if rank == 0:

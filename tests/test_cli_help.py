@@ -123,8 +123,11 @@ def test_pretrain_writes_a_run_folder_and_resumes_it(tmp_path: Path, monkeypatch
 def test_no_run_folder_when_outputs_are_placed_or_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture) -> None:
     """``--run_dir none`` writes nothing and says that no checkpoint is kept; ``--history_out``
-    alone (the caller chose where the output goes) makes no run folder either."""
+    alone (the caller chose where the output goes) makes no run folder either; ``--resume
+    latest`` with no run folder to continue says so (and makes none)."""
     monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="no checkpoint in any runs/pretrain_"):
+        pretrain.main(TINY_RUN + ["--max_steps", "2", "--resume", "latest"])
     assert pretrain.main(TINY_RUN + ["--max_steps", "2", "--eval_interval", "0", "--run_dir", "none"]) == 0
     assert "no checkpoints will be saved" in capsys.readouterr().out
     assert pretrain.main(TINY_RUN + ["--max_steps", "2", "--eval_interval", "0",
