@@ -21,8 +21,10 @@ from llama_from_scratch.checks.common import (
     as_tensor,
     assert_close,
     assert_equal,
+    call_answer,
     fresh_generator,
     fresh_rng,
+    load_state,
     value_and_grad,
 )
 
@@ -102,16 +104,6 @@ def _scaled_atol(expected: torch.Tensor, rel: float) -> float:
     return rel * float(expected.abs().max()) if expected.numel() else 0.0
 
 
-def _call(fn: Callable, what: str, *args: Any, **kwargs: Any) -> Any:
-    """Call the student's code; an exception becomes a failure that says which call it was."""
-    try:
-        return fn(*args, **kwargs)
-    except (AssertionError, NotImplementedError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - the student's code may raise anything
-        raise AssertionError(f"{what} raised {type(exc).__name__}: {exc}") from None
-
-
 # ----- silu_grad --------------------------------------------------------------------------------
 
 
@@ -135,7 +127,7 @@ def check_silu_grad(fn: Callable) -> None:
         original = x.clone()
         leaf = x.double().requires_grad_()
         (expected,) = torch.autograd.grad(F.silu(leaf).sum(), leaf)
-        got = as_tensor(_call(fn, f"silu_grad on {what}", x), f"silu_grad on {what}")
+        got = as_tensor(call_answer(fn, f"silu_grad on {what}", x), f"silu_grad on {what}")
         assert_equal(x, original, f"silu_grad on {what}: your function changed its input x", "Return a new tensor.")
         tol = {torch.bfloat16: (2 ** -5, 2 ** -6)}.get(x.dtype, (1e-5, 1e-6))
         assert_close(got, expected.to(x.dtype), f"silu_grad on {what}", rtol=tol[0], atol=tol[1],
@@ -177,7 +169,7 @@ def check_rms_norm_backward(fn: Callable) -> None:
         _, ref_x, ref_params = _reference_grads(_hf_norm(weight, eps), x, grad_output)
         ref_w = ref_params["weight"]
         call = f"rms_norm_backward on {what}"
-        got = _call(fn, call, x, weight, grad_output, eps)
+        got = call_answer(fn, call, x, weight, grad_output, eps)
         if not isinstance(got, (tuple, list)) or len(got) != 2:
             raise AssertionError(f"{call}: return a tuple (grad_x, grad_weight), got {type(got).__name__}")
         assert_close(got[0], ref_x, f"{call}: grad_x", rtol=1e-4, atol=_scaled_atol(ref_x, 1e-5),
@@ -189,7 +181,7 @@ def check_rms_norm_backward(fn: Callable) -> None:
     x = torch.randn(3, 40, generator=g) * 1e-3
     weight, grad_output = torch.rand(40, generator=g) + 0.5, torch.randn(3, 40, generator=g)
     _, ref_x, _ = _reference_grads(_hf_norm(weight, 1e-6), x, grad_output)
-    got = _call(fn, "rms_norm_backward(x, weight, grad_output) with the default eps", x, weight, grad_output)
+    got = call_answer(fn, "rms_norm_backward(x, weight, grad_output) with the default eps", x, weight, grad_output)
     if not isinstance(got, (tuple, list)) or len(got) != 2:
         raise AssertionError("rms_norm_backward: return a tuple (grad_x, grad_weight)")
     assert_close(got[0], ref_x,
@@ -201,24 +193,15 @@ def check_rms_norm_backward(fn: Callable) -> None:
 
 
 def _construct(cls: Callable, what: str, *args: Any, **kwargs: Any) -> Any:
-    return _call(cls, what, *args, **kwargs)
+    return call_answer(cls, what, *args, **kwargs)
 
 
 def _load(obj: Any, state: dict[str, torch.Tensor], what: str, names: str) -> None:
     """``obj.load_state_dict(state)`` (strict): wrong parameter names or shapes fail here."""
-    keys = _call(obj.state_dict, f"{what}.state_dict()")
-    if not isinstance(keys, dict):
-        raise AssertionError(f"{what}.state_dict() should return a dict")
-    assert_equal(sorted(keys), sorted(state), f"{what}: the names in its state_dict",
-                 hint=f"Name the parameters like transformers does: {names}. No other parameters or buffers "
-                      "(a bias, a saved tensor) belong in the state dict.")
-    for name, tensor in state.items():
-        value = keys[name]
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(tensor.shape):
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise AssertionError(f"{what}: {name} has shape {shape}, expected {tuple(tensor.shape)} "
-                                 "(nn.Linear stores [out_features, in_features])")
-    _call(obj.load_state_dict, f"{what}.load_state_dict(...)", state)
+    load_state(obj, state, what,
+               names_hint=f"Name the parameters like transformers does: {names}. No other parameters or buffers "
+                          "(a bias, a saved tensor) belong in the state dict.",
+               shape_hint="nn.Linear stores [out_features, in_features]")
 
 
 RMS_MODULE_HINT = ("forward: h = x.float(); h = h * rsqrt(mean(h^2, last dim) + eps); return weight * h.to(x.dtype) "
@@ -237,7 +220,7 @@ def check_RMSNorm(cls: Callable) -> None:  # noqa: N802 - named after the class 
     where = f"RMSNorm(576, eps=1e-5) holding SmolLM2 layer {layer}'s {which}"
 
     fresh = _construct(cls, "RMSNorm(576, eps=1e-5)", SMOLLM2_DIM, eps=SMOLLM2_EPS)
-    initial = _call(fresh.state_dict, "RMSNorm(576).state_dict()")
+    initial = call_answer(fresh.state_dict, "RMSNorm(576).state_dict()")
     if isinstance(initial, dict) and isinstance(initial.get("weight"), torch.Tensor):
         assert_equal(initial["weight"], torch.ones(SMOLLM2_DIM), "a new RMSNorm's weight",
                      hint="Initialise the gain to ones (a new norm leaves the normalised x unchanged).")
@@ -250,7 +233,7 @@ def check_RMSNorm(cls: Callable) -> None:  # noqa: N802 - named after the class 
         ref_out, ref_x, ref_params = _reference_grads(hf, x, grad_output)
         leaf = x.clone().requires_grad_()
         what = f"{where}, float32 x of shape (2, 7, 576) and scale {scale:g}"
-        out, input_grads, param_grads = _call(value_and_grad, f"{what}: forward and backward", fresh, leaf,
+        out, input_grads, param_grads = call_answer(value_and_grad, f"{what}: forward and backward", fresh, leaf,
                                                      grad_output=grad_output)
         assert_close(out, ref_out, f"{what}: output", rtol=1e-6, atol=1e-6, hint=RMS_MODULE_HINT, check_dtype=True)
         assert_close(input_grads[0] if input_grads else None, ref_x, f"{what}: gradient of x", rtol=1e-4,
@@ -269,7 +252,7 @@ def check_RMSNorm(cls: Callable) -> None:  # noqa: N802 - named after the class 
         _load(obj, {"weight": w}, f"RMSNorm({dim}, eps={eps:.2g})", "`weight`")
         shape = _leading_shape(rng) + (dim,)
         x = torch.randn(shape, generator=g) * rng.choice([1.0, 1e-3, 40.0])
-        assert_close(_call(obj, "RMSNorm forward", x), _hf_norm(w, eps)(x).detach(),
+        assert_close(call_answer(obj, "RMSNorm forward", x), _hf_norm(w, eps)(x).detach(),
                      f"RMSNorm({dim}, eps={eps:.2g}) on float32 x of shape {shape}", rtol=1e-6, atol=1e-6,
                      hint=RMS_MODULE_HINT, check_dtype=True)
 
@@ -277,25 +260,25 @@ def check_RMSNorm(cls: Callable) -> None:  # noqa: N802 - named after the class 
     obj = _construct(cls, "RMSNorm(48)", 48)
     _load(obj, {"weight": weight[:48].clone()}, "RMSNorm(48)", "`weight`")
     x = torch.randn(3, 48, generator=g) * 1e-3
-    assert_close(_call(obj, "RMSNorm(48) forward", x), _hf_norm(weight[:48], 1e-6)(x).detach(),
+    assert_close(call_answer(obj, "RMSNorm(48) forward", x), _hf_norm(weight[:48], 1e-6)(x).detach(),
                  "RMSNorm(48) (default eps) on x of scale 1e-3", rtol=1e-6, atol=1e-6,
                  hint="The default eps is 1e-6, as in LlamaRMSNorm.")
 
     # a float32 module on bfloat16 activations: statistics in float32, cast back, then the float32 gain
     x = (torch.randn(5, SMOLLM2_DIM, generator=g) * 3).bfloat16()
-    assert_close(_call(fresh, "RMSNorm forward on bfloat16 x", x), hf(x).detach(),
+    assert_close(call_answer(fresh, "RMSNorm forward on bfloat16 x", x), hf(x).detach(),
                  f"{where} (float32 weight) on bfloat16 x", rtol=0, atol=0, check_dtype=True, hint=RMS_MODULE_HINT)
 
     # the whole module in 16 bits: identical to LlamaRMSNorm (same operations, same order)
     for dtype in (torch.bfloat16, torch.float16):
         obj = _construct(cls, "RMSNorm(576, eps=1e-5)", SMOLLM2_DIM, eps=SMOLLM2_EPS)
         _load(obj, {"weight": weight}, where, "`weight`")
-        _call(obj.to, f"RMSNorm.to({dtype})", dtype)
+        call_answer(obj.to, f"RMSNorm.to({dtype})", dtype)
         x = (torch.randn(16, SMOLLM2_DIM, generator=g) * 3).to(dtype)
         if dtype == torch.float16:
             x[:, rng.randrange(SMOLLM2_DIM)] = 300.0          # 300**2 overflows float16 without the upcast
         expected = _hf_norm(weight, SMOLLM2_EPS).to(dtype)(x).detach()
-        got = as_tensor(_call(obj, f"RMSNorm in {dtype}", x), f"{where} in {dtype}")
+        got = as_tensor(call_answer(obj, f"RMSNorm in {dtype}", x), f"{where} in {dtype}")
         assert_close(got, expected, f"{where}, module and x in {dtype}", rtol=2 ** -7, atol=1e-6, check_dtype=True,
                      hint="Compute the statistics AND the normalisation in float32, cast back, then multiply by "
                           "the weight. " + RMS_MODULE_HINT)
@@ -344,7 +327,7 @@ def check_swiglu_backward(fn: Callable) -> None:
         else:
             _, ref_x, ref = _reference_grads(_hf_mlp(w_gate, w_up, w_down), x, grad_output)
         call = f"swiglu_backward on {what}"
-        got = _call(fn, call, x, w_gate, w_up, w_down, grad_output)
+        got = call_answer(fn, call, x, w_gate, w_up, w_down, grad_output)
         if not isinstance(got, (tuple, list)) or len(got) != 4:
             raise AssertionError(f"{call}: return a tuple (grad_x, grad_w_gate, grad_w_up, grad_w_down)")
         for name, value, expected in (("grad_w_down", got[3], ref["down_proj.weight"]),
@@ -377,7 +360,7 @@ def check_SwiGLU(cls: Callable) -> None:  # noqa: N802 - named after the class i
     grad_output = torch.randn(x.shape, generator=g)
     ref_out, ref_x, ref_params = _reference_grads(hf, x, grad_output)
     what = f"{where}, x of shape (2, 4, 576)"
-    out, input_grads, param_grads = _call(value_and_grad, f"{what}: forward and backward", obj,
+    out, input_grads, param_grads = call_answer(value_and_grad, f"{what}: forward and backward", obj,
                                           x.clone().requires_grad_(), grad_output=grad_output)
     assert_close(out, ref_out, f"{what}: output", rtol=1e-4, atol=_scaled_atol(ref_out, 1e-5), check_dtype=True,
                  hint="down_proj(silu(gate_proj(x)) * up_proj(x)): the activation goes on the GATE projection.")
@@ -401,14 +384,14 @@ def check_SwiGLU(cls: Callable) -> None:  # noqa: N802 - named after the class i
         shape = _leading_shape(rng)[:1] + (rng.randrange(1, 5), dim)
         x = torch.randn(shape, generator=g) * 2
         expected = _hf_mlp(*small.values())(x).detach()
-        assert_close(_call(other, "SwiGLU forward", x), expected, f"SwiGLU({dim}, {hidden}) on x of shape {shape}",
+        assert_close(call_answer(other, "SwiGLU forward", x), expected, f"SwiGLU({dim}, {hidden}) on x of shape {shape}",
                      rtol=1e-4, atol=_scaled_atol(expected, 1e-5), check_dtype=True)
 
     # the whole module in bfloat16
-    _call(obj.to, "SwiGLU.to(torch.bfloat16)", torch.bfloat16)
+    call_answer(obj.to, "SwiGLU.to(torch.bfloat16)", torch.bfloat16)
     x = torch.randn(3, 5, SMOLLM2_DIM, generator=g).bfloat16()
     expected = hf.to(torch.bfloat16)(x).detach()
-    assert_close(_call(obj, "SwiGLU in bfloat16", x), expected, f"{where}, module and x in bfloat16", rtol=2 ** -6,
+    assert_close(call_answer(obj, "SwiGLU in bfloat16", x), expected, f"{where}, module and x in bfloat16", rtol=2 ** -6,
                  atol=_scaled_atol(expected, 2 ** -6), check_dtype=True,
                  hint="Keep the computation in the input's dtype, like nn.Linear does.")
 

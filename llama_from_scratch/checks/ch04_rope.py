@@ -19,7 +19,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from llama_from_scratch.checks.ch03_rmsnorm_swiglu import smollm2_tensor
-from llama_from_scratch.checks.common import as_tensor, assert_close, assert_equal, fresh_generator, fresh_rng
+from llama_from_scratch.checks.common import (as_tensor, assert_close, assert_equal, call_answer, fresh_generator,
+                                              fresh_rng)
 
 FORBIDDEN = {
     "rotate_half_to_interleaved": ["transformers", "gguf"],
@@ -27,15 +28,6 @@ FORBIDDEN = {
     "yarn_init": ["transformers"],
     "apply_rotary": ["transformers", "torch.nn.functional.scaled_dot_product_attention"],
 }
-
-
-def _call(fn: Callable, what: str, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except (AssertionError, NotImplementedError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - the student's code may raise anything
-        raise AssertionError(f"{what} raised {type(exc).__name__}: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -77,13 +69,13 @@ def check_rotate_half_to_interleaved(fn: Callable) -> None:
         gguf_w = smollm2_tensor(f"blk.{layer}.{kind}.weight")
         hf_w = _hf_from_gguf(gguf_w, n_heads)
         what = f"rotate_half_to_interleaved(SmolLM2 layer {layer}'s {kind} in Hugging Face layout, n_heads={n_heads})"
-        got = _call(fn, what, hf_w.clone(), n_heads)
+        got = call_answer(fn, what, hf_w.clone(), n_heads)
         assert_equal(as_tensor(got, what), gguf_w, what, hint=INTERLEAVE_HINT)
     for _ in range(6):
         n_heads, head_dim, dim = rng.randrange(1, 7), 2 * rng.randrange(1, 20), rng.randrange(1, 40)
         w = torch.randn(n_heads * head_dim, dim, generator=g)
         what = f"rotate_half_to_interleaved(w of shape {tuple(w.shape)}, n_heads={n_heads}) (head_dim {head_dim})"
-        got = _call(fn, what, _hf_from_gguf(w, n_heads), n_heads)
+        got = call_answer(fn, what, _hf_from_gguf(w, n_heads), n_heads)
         assert_equal(as_tensor(got, what), w, what, hint=INTERLEAVE_HINT)
 
 
@@ -189,7 +181,7 @@ def check_rope_init(fn: Callable) -> None:
     for config, seq_len in _rope_configs(rng):
         params = config["rope_parameters"]
         what = f"rope_init({config!r}" + (f", seq_len={seq_len})" if seq_len is not None else ")")
-        got = _call(fn, what, config, seq_len) if seq_len is not None else _call(fn, what, config)
+        got = call_answer(fn, what, config, seq_len) if seq_len is not None else call_answer(fn, what, config)
         _compare_rope(got, config, seq_len, what, ROPE_HINT[params["rope_type"]])
 
 
@@ -235,7 +227,7 @@ def check_yarn_init(fn: Callable) -> None:
     rng = fresh_rng()
     for config in _yarn_configs(rng):
         what = f"yarn_init({config!r})"
-        _compare_rope(_call(fn, what, config), config, None, what, YARN_HINT)
+        _compare_rope(call_answer(fn, what, config), config, None, what, YARN_HINT)
 
 
 # ----- apply_rotary -----------------------------------------------------------------------------
@@ -297,7 +289,7 @@ def check_apply_rotary(fn: Callable) -> None:
                 f"{tuple(position_ids.shape)} (up to {int(position_ids.max())}), inv_freq of {inv_freq.shape[0]} "
                 f"frequencies, attention_scaling={scaling})")
         q_before, k_before = q.clone(), k.clone()
-        got = _call(fn, what, q, k, position_ids, inv_freq, scaling)
+        got = call_answer(fn, what, q, k, position_ids, inv_freq, scaling)
         if not isinstance(got, (tuple, list)) or len(got) != 2:
             raise AssertionError(f"{what}: return a tuple (q_rotated, k_rotated)")
         assert_equal(q, q_before, f"{what} changed q in place", hint="Return new tensors.")
@@ -309,7 +301,7 @@ def check_apply_rotary(fn: Callable) -> None:
     # the default attention_scaling is 1
     q, k, position_ids, inv_freq, _ = cases[0]
     ref_q, _ = _reference_rotary(q, k, position_ids, inv_freq, 1.0)
-    got = _call(fn, "apply_rotary(q, k, position_ids, inv_freq)", q, k, position_ids, inv_freq)
+    got = call_answer(fn, "apply_rotary(q, k, position_ids, inv_freq)", q, k, position_ids, inv_freq)
     if not isinstance(got, (tuple, list)) or len(got) != 2:
         raise AssertionError("apply_rotary(q, k, position_ids, inv_freq): return a tuple (q_rotated, k_rotated)")
     assert_close(got[0], ref_q, "apply_rotary(q, k, position_ids, inv_freq) with the default attention_scaling",

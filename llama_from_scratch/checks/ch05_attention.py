@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from llama_from_scratch.checks.ch03_rmsnorm_swiglu import smollm2_tensor
 from llama_from_scratch.checks.ch04_rope import _hf_from_gguf, _quiet_transformers
-from llama_from_scratch.checks.common import as_tensor, assert_close, assert_equal, fresh_generator, fresh_rng
+from llama_from_scratch.checks.common import (as_tensor, assert_close, assert_equal, call_answer, fresh_generator,
+                                              fresh_rng, load_state)
 
 _ATTENTION = ["torch.nn.functional.scaled_dot_product_attention", "torch.nn.MultiheadAttention",
               "torch.nn.functional.multi_head_attention_forward", "transformers"]
@@ -31,15 +32,6 @@ FORBIDDEN = {
                                      "torch.log_softmax", "torch.Tensor.log_softmax"],
     "GQAttention": _ATTENTION,
 }
-
-
-def _call(fn: Callable, what: str, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except (AssertionError, NotImplementedError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - the student's code may raise anything
-        raise AssertionError(f"{what} raised {type(exc).__name__}: {exc}") from None
 
 
 # ----- attention_mask_4d ------------------------------------------------------------------------
@@ -93,7 +85,7 @@ def check_attention_mask_4d(fn: Callable) -> None:
         what = (f"attention_mask_4d(padding_mask of shape {tuple(given.shape)} ({given.dtype}, {style} padding), "
                 f"q_len={q_len}" + (f", sliding_window={window})" if window is not None else ")"))
         args = (given.clone(), q_len) + ((window,) if window is not None else ())
-        got = _call(fn, what, *args)
+        got = call_answer(fn, what, *args)
         got = as_tensor(got, what)
         if got.dtype != torch.bool:
             raise AssertionError(f"{what}: expected dtype torch.bool, got {got.dtype}. {MASK_HINT}")
@@ -144,7 +136,7 @@ def check_flash_attention(fn: Callable) -> None:
         out_ref, lse_ref = _reference_attention(q, k, v, causal)
         what = (f"flash_attention(q {tuple(q.shape)}, k/v {tuple(k.shape)}, block_size={block}, causal={causal})"
                 + (f" with q and k of scale {scale:g} (scores in the thousands)" if scale > 10 else ""))
-        got = _call(fn, what, q, k, v, block, causal=causal)
+        got = call_answer(fn, what, q, k, v, block, causal=causal)
         if not isinstance(got, (tuple, list)) or len(got) != 2:
             raise AssertionError(f"{what}: return a tuple (out, lse)")
         for x, original, name in zip((q, k, v), before, "qkv"):
@@ -208,19 +200,10 @@ def _smollm2_state(layer: int) -> dict[str, torch.Tensor]:
 
 
 def _load(obj: Any, state: dict[str, torch.Tensor], what: str) -> None:
-    keys = _call(obj.state_dict, f"{what}.state_dict()")
-    if not isinstance(keys, dict):
-        raise AssertionError(f"{what}.state_dict() should return a dict")
-    assert_equal(sorted(keys), sorted(state), f"{what}: the names in its state_dict",
-                 hint="q_proj, k_proj, v_proj and o_proj, nn.Linear without bias, as in transformers; the KV cache "
-                      "is not a parameter (a plain attribute, or a buffer registered with persistent=False).")
-    for name, tensor in state.items():
-        value = keys[name]
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(tensor.shape):
-            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise AssertionError(f"{what}: {name} has shape {shape}, expected {tuple(tensor.shape)} "
-                                 "(k_proj and v_proj have n_kv_heads * head_dim rows)")
-    _call(obj.load_state_dict, f"{what}.load_state_dict(...)", state)
+    load_state(obj, state, what,
+               names_hint="q_proj, k_proj, v_proj and o_proj, nn.Linear without bias, as in transformers; the KV "
+                          "cache is not a parameter (a plain attribute, or a buffer registered with persistent=False).",
+               shape_hint="k_proj and v_proj have n_kv_heads * head_dim rows")
 
 
 GQA_HINT = ("Project and split into heads ([B, heads, T, head_dim]); RoPE on q and k at the positions of the new "
@@ -246,11 +229,11 @@ def _compare_rows(got: Any, expected: torch.Tensor, real: torch.Tensor, what: st
 
 def _run_cached(obj: Any, x: torch.Tensor, padding_mask: torch.Tensor, chunks: list[int], what: str) -> torch.Tensor:
     """reset_cache, then feed x in chunks of the given lengths with use_cache=True; concatenated outputs."""
-    _call(obj.reset_cache, f"{what}: reset_cache()")
+    call_answer(obj.reset_cache, f"{what}: reset_cache()")
     pieces, start = [], 0
     for length in chunks:
         end = start + length
-        piece = _call(obj, f"{what}: the chunk of positions {start}..{end - 1}", x[:, start:end],
+        piece = call_answer(obj, f"{what}: the chunk of positions {start}..{end - 1}", x[:, start:end],
                       attention_mask=padding_mask[:, :end], use_cache=True)
         pieces.append(as_tensor(piece, f"{what}: the chunk of positions {start}..{end - 1}"))
         start = end
@@ -272,7 +255,7 @@ def check_GQAttention(cls: Callable) -> None:  # noqa: N802 - named after the cl
         configs.append((dim, n_heads, n_kv, theta, _random_state(dim, n_heads, n_kv, g),
                         f"GQAttention({dim}, n_heads={n_heads}, n_kv_heads={n_kv}, rope_theta={theta:g})"))
     for index, (dim, n_heads, n_kv, theta, state, name) in enumerate(configs):
-        obj = _call(cls, f"GQAttention({dim}, {n_heads}, {n_kv}, rope_theta={theta:g})", dim, n_heads, n_kv,
+        obj = call_answer(cls, f"GQAttention({dim}, {n_heads}, {n_kv}, rope_theta={theta:g})", dim, n_heads, n_kv,
                     rope_theta=theta)
         _load(obj, state, name)
         attention, rotary = _hf_attention(dim, n_heads, n_kv, theta, state)
@@ -284,8 +267,8 @@ def check_GQAttention(cls: Callable) -> None:  # noqa: N802 - named after the cl
         what = f"{name} on x of shape {tuple(x.shape)}"
 
         # 1. the full pass, no mask given
-        _call(obj.reset_cache, f"{name}: reset_cache()")
-        _compare_rows(_call(obj, f"{what}, full pass", x), expected, real, f"{what}, full pass", GQA_HINT)
+        call_answer(obj.reset_cache, f"{name}: reset_cache()")
+        _compare_rows(call_answer(obj, f"{what}, full pass", x), expected, real, f"{what}, full pass", GQA_HINT)
 
         # 2. prefill, single tokens, then a chunk of 3 new tokens after the cache
         prompt = rng.randrange(1, s - 4)
@@ -309,8 +292,8 @@ def check_GQAttention(cls: Callable) -> None:  # noqa: N802 - named after the cl
                       f"(padding per row {(1 - padded).sum(1).tolist()})")
             hint_p = ("With left padding a row's first real token is at position 0: positions = cumsum(attention_mask) "
                       "- 1, and padded keys are masked. " + GQA_HINT)
-            _call(obj.reset_cache, f"{name}: reset_cache()")
-            _compare_rows(_call(obj, f"{what_p}, full pass", xp, attention_mask=padded), expected_p, real_p,
+            call_answer(obj.reset_cache, f"{name}: reset_cache()")
+            _compare_rows(call_answer(obj, f"{what_p}, full pass", xp, attention_mask=padded), expected_p, real_p,
                           f"{what_p}, full pass", hint_p)
             cached = _run_cached(obj, xp, padded, [s - 3, 1, 2], what_p)
             _compare_rows(cached, expected_p, real_p, f"{what_p}, cached in chunks of [{s - 3}, 1, 2]", hint_p)

@@ -39,6 +39,7 @@ from llama_from_scratch.checks.common import (
     assert_equal,
     fresh_generator,
     fresh_rng,
+    quiet_transformers,
     value_and_grad,
 )
 
@@ -57,14 +58,6 @@ def _peft():
     import peft
 
     return peft
-
-
-@functools.lru_cache(maxsize=None)
-def _transformers():
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    return transformers
 
 
 def _tol(dtype: torch.dtype) -> dict[str, float]:
@@ -385,7 +378,7 @@ def _cases(rng: random.Random) -> list[dict[str, Any]]:
 def _tiny_llama(cfg: dict[str, Any], gen: torch.Generator) -> tuple[nn.Module, dict[str, torch.Tensor], Construct]:
     """A tiny Llama here (random weights drawn from ``gen``), its weights, and the same model to be
     built on the learner's side."""
-    transformers = _transformers()
+    transformers = quiet_transformers()
     with torch.random.fork_rng():
         torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))

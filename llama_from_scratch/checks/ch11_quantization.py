@@ -46,6 +46,7 @@ from llama_from_scratch.checks.common import (
     assert_equal,
     fresh_generator,
     fresh_rng,
+    quiet_transformers,
     value_and_grad,
 )
 
@@ -291,14 +292,6 @@ _PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 
 
 @functools.lru_cache(maxsize=None)
-def _transformers():
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    return transformers
-
-
-@functools.lru_cache(maxsize=None)
 def _peft():
     _bnb()
     import peft
@@ -310,7 +303,7 @@ def _reference_step(cfg: dict[str, Any], state: dict[str, torch.Tensor], targets
                     adapters: dict[str, torch.Tensor], ids: torch.Tensor, labels: torch.Tensor, r: int, alpha: float,
                     lr: float, blocksize: int, double_quant: bool) -> dict[str, Any]:
     """The same step with transformers + bitsandbytes' Linear4bit + PEFT."""
-    transformers, peft = _transformers(), _peft()
+    transformers, peft = quiet_transformers(), _peft()
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
     model.load_state_dict(state)
     for name, module in list(model.named_modules()):
@@ -341,7 +334,7 @@ def _reference_step(cfg: dict[str, Any], state: dict[str, torch.Tensor], targets
 
 def check_qlora_step(fn: Callable) -> None:
     rng, gen = fresh_rng(), fresh_generator()
-    transformers = _transformers()
+    transformers = quiet_transformers()
     sizes = [32, 64]
     rng.shuffle(sizes)
     for double_quant, blocksize in zip(rng.sample([True, False], 2), sizes):

@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 import torch
 
-from llama_from_scratch.checks.common import (Construct, as_tensor, assert_close, fresh_generator, fresh_rng,
-                                              value_and_grad)
+from llama_from_scratch.checks.common import (Construct, as_scalar_loss, as_tensor, assert_close, fresh_generator,
+                                              fresh_rng, seqcls, value_and_grad)
 
 FORBIDDEN = {
     "reward_model_loss": ["trl"],
@@ -94,12 +94,6 @@ def _tiny_config(rng: random.Random) -> dict[str, Any]:
                 pad_token_id=rng.randrange(vocab), num_labels=1)
 
 
-def _seqcls(cfg: dict[str, Any]):
-    import transformers
-
-    return transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**cfg))
-
-
 def _random_weights(model: torch.nn.Module, g: torch.Generator) -> dict[str, torch.Tensor]:
     """Weights of a healthy scale (so positions and tokens give clearly different rewards)."""
     out = {}
@@ -131,7 +125,7 @@ def _reward_trainer():
     backend = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="t0", eos_token="t1")
-    model = _seqcls(dict(vocab_size=8, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+    model = seqcls(dict(vocab_size=8, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, num_labels=1))
     args = RewardConfig(output_dir=os.path.join(tempfile.gettempdir(), "lfs-grader-unused"), report_to=[],
                         use_cpu=True, save_strategy="no", bf16=False)
@@ -154,14 +148,6 @@ def _trl_loss_of_rewards(rewards: torch.Tensor, margin: torch.Tensor | None, cen
     if margin is not None:
         inputs["margin"] = margin
     return _trl_loss(lambda **_: SimpleNamespace(logits=rewards[:, None]), inputs, center)
-
-
-def _as_loss(value: Any, what: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise AssertionError(f"{what}: expected a scalar torch.Tensor, got {type(value).__name__}")
-    if value.numel() != 1:
-        raise AssertionError(f"{what}: expected a scalar loss, got shape {tuple(value.shape)}")
-    return value.reshape(())
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,12 +188,12 @@ def check_reward_model_loss(fn: Callable) -> None:
         if center is not None or rng.random() < 0.5:
             kwargs["center_rewards_coefficient"] = center
         got, grads, _ = value_and_grad(fn, rewards.clone().requires_grad_(True), **kwargs)
-        assert_close(_as_loss(got, desc), expected.detach(), desc, rtol=1e-5, atol=1e-5, hint=hint)
+        assert_close(as_scalar_loss(got, desc), expected.detach(), desc, rtol=1e-5, atol=1e-5, hint=hint)
         assert_close(grads[0] if grads[0] is not None else torch.zeros_like(rewards), expected_grad,
                      desc + ": gradient with respect to the rewards", rtol=1e-4, atol=1e-7, hint=hint)
     rewards = torch.tensor([-100.0, 0.0, 0.0, 0.0])
     got = _student(fn)(rewards.clone())
-    assert_close(_as_loss(got, "reward_model_loss"), _trl_loss_of_rewards(rewards, None, None).detach(),
+    assert_close(as_scalar_loss(got, "reward_model_loss"), _trl_loss_of_rewards(rewards, None, None).detach(),
                  "reward_model_loss for a chosen reward 100 below the rejected one", atol=1e-4,
                  hint="-log sigmoid(-100) = 100: compute it with F.logsigmoid (or softplus), never log(sigmoid(.))")
 
@@ -251,7 +237,7 @@ def check_ranking_loss(fn: Callable) -> None:
         desc = f"ranking_loss on {n_prompts} prompts with up to {k} ranked answers (answers per prompt {counts.tolist()})"
         counts_arg = counts.clone() if trial % 2 else counts.to(rng.choice([torch.int32, torch.long]))
         got, grads, _ = value_and_grad(fn, rewards.clone().requires_grad_(True), counts_arg)
-        assert_close(_as_loss(got, desc), expected.detach(), desc, rtol=1e-5, atol=1e-5, hint=hint)
+        assert_close(as_scalar_loss(got, desc), expected.detach(), desc, rtol=1e-5, atol=1e-5, hint=hint)
         grad = grads[0] if grads[0] is not None else torch.zeros_like(rewards)
         assert_close(grad, expected_grad, desc + ": gradient with respect to the rewards", rtol=1e-4, atol=1e-7,
                      hint=hint + " (junk entries get no gradient)")
@@ -284,7 +270,7 @@ def _padded_batch(rng: random.Random, g: torch.Generator, cfg: dict[str, Any], s
 
 
 def _expected_trainable(cfg: dict[str, Any], k: int | None) -> list[str]:
-    names = list(_seqcls(cfg).state_dict())
+    names = list(seqcls(cfg).state_dict())
     if k is None:
         return names
     n = cfg["num_hidden_layers"]
@@ -306,7 +292,7 @@ def check_LlamaRewardModel(cls: Callable) -> None:
         k = rng.randrange(1, n_layers) if k == "some" else n_layers if k == "all" else k
         config = Construct("transformers.LlamaConfig", **cfg)
         rm = cls(config) if k is None and trial == 0 else cls(config, trainable_layers=k)
-        ref = _seqcls(cfg)
+        ref = seqcls(cfg)
         weights = _random_weights(ref, g)
         ref.load_state_dict(weights)
         try:
@@ -382,7 +368,7 @@ def _reference_training(cfg: dict[str, Any], weights: dict[str, torch.Tensor], b
     """TRL's collator and loss, torch's AdamW, clipping and LambdaLR warm-up."""
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
-    model = _seqcls(cfg)
+    model = seqcls(cfg)
     model.load_state_dict(weights)
     model.train()
     collate = DataCollatorForPreference(pad_token_id=cfg["pad_token_id"])
@@ -428,7 +414,7 @@ def check_train_reward_model(fn: Callable) -> None:
                    clip=rng.choice([None, 5.0]), decay=rng.choice([0.05, 0.1]))]
     for setup in setups:
         cfg = _tiny_config(rng)
-        model_ref = _seqcls(cfg)
+        model_ref = seqcls(cfg)
         weights = _random_weights(model_ref, g)
         batch_size = rng.choice([2, 4])
         micro = None if setup["micro"] is None else batch_size // 2

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from llama_from_scratch.checks.ch12_reward_modeling import _random_weights, _student, _tiny_config, _tokens
-from llama_from_scratch.checks.common import (Construct, as_tensor, assert_close, assert_equal, fresh_generator,
-                                              fresh_rng, value_and_grad)
+from llama_from_scratch.checks.common import (Construct, as_scalar_loss, as_tensor, assert_close, assert_equal,
+                                              fresh_generator, fresh_rng, seqcls, value_and_grad)
 
 _LOGSOFTMAX = ["torch.nn.functional.log_softmax", "torch.log_softmax", "torch.Tensor.log_softmax",
                "torch.special.log_softmax", "torch.nn.functional.cross_entropy", "torch.nn.functional.nll_loss",
@@ -51,12 +51,6 @@ def _causal_lm(cfg: dict[str, Any]):
 
     cfg = {k: v for k, v in cfg.items() if k != "num_labels"}
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
-
-
-def _seqcls(cfg: dict[str, Any]):
-    import transformers
-
-    return transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**cfg))
 
 
 def _from_weights(target: str, cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> Construct:
@@ -100,14 +94,6 @@ def _lm_batch(rng: random.Random, g: torch.Generator, cfg: dict[str, Any], rows:
         attention.append([1] * (len(p) + len(c)) + [0] * pad)
         completion.append([0] * len(p) + [1] * len(c) + [0] * pad)
     return torch.tensor(ids), torch.tensor(attention), torch.tensor(completion)
-
-
-def _as_loss(value: Any, what: str) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise AssertionError(f"{what}: expected a scalar torch.Tensor, got {type(value).__name__}")
-    if value.numel() != 1:
-        raise AssertionError(f"{what}: expected a scalar loss, got shape {tuple(value.shape)}")
-    return value.reshape(())
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,7 +256,7 @@ def check_dpo_loss(fn: Callable) -> None:
         if smoothing:
             kwargs["label_smoothing"] = smoothing
         got, grads, _ = value_and_grad(fn, *args, grad_output=None, **kwargs)
-        assert_close(_as_loss(got, desc), expected, desc, rtol=1e-4, atol=1e-5, hint=hint)
+        assert_close(as_scalar_loss(got, desc), expected, desc, rtol=1e-4, atol=1e-5, hint=hint)
         grad = grads[0] if grads[0] is not None else torch.zeros_like(policy_logits)
         assert_close(grad, expected_grad, desc + ": gradient with respect to policy_logits", rtol=1e-3, atol=1e-7,
                      hint=hint)
@@ -466,7 +452,7 @@ def _ppo_problem(rng: random.Random, g: torch.Generator, trial: int):
     cfg = _tiny_config(rng)
     pad = cfg["pad_token_id"]
     eos = (pad + 1 + rng.randrange(cfg["vocab_size"] - 1)) % cfg["vocab_size"]
-    policy, value = _causal_lm(cfg), _seqcls(cfg)
+    policy, value = _causal_lm(cfg), seqcls(cfg)
     weights = {"policy": _random_weights(policy, g), "value": _random_weights(value, g),
                "reward": _random_weights(value, g)}
     weights["ref"] = {n: t + 0.2 * t.std() * torch.randn(t.shape, generator=g) for n, t in weights["policy"].items()}
@@ -512,7 +498,7 @@ def check_ppo_step(fn: Callable) -> None:
             "step of ONE AdamW over both models (lr, eps=adam_eps, weight_decay=0), zero_grad")
     for trial in range(2):
         cfg, weights, queries, responses, config, minibatches = _ppo_problem(rng, g, trial)
-        models = {"policy": _causal_lm(cfg), "ref": _causal_lm(cfg), "value": _seqcls(cfg), "reward": _seqcls(cfg)}
+        models = {"policy": _causal_lm(cfg), "ref": _causal_lm(cfg), "value": seqcls(cfg), "reward": seqcls(cfg)}
         for key, model in models.items():
             model.load_state_dict(weights[key], strict=False)
         expected_losses, expected_policy, expected_value = _ppo_step_reference(models, queries, responses, config,

@@ -16,6 +16,7 @@ comparison happens here, in the grader. So a check
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any, Callable
 
@@ -140,3 +141,53 @@ def local_value_and_grad(fn: Callable, args: tuple, kwargs: dict, grad_output: t
         if str(exc).startswith(("expected a", "the result does not depend")):
             raise AssertionError(str(exc)) from None
         raise
+
+
+def call_answer(fn: Callable, what: str, *args: Any, **kwargs: Any) -> Any:
+    """Call the student's code; an exception becomes a failure that says which call it was."""
+    try:
+        return fn(*args, **kwargs)
+    except (AssertionError, NotImplementedError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the student's code may raise anything
+        raise AssertionError(f"{what} raised {type(exc).__name__}: {exc}") from None
+
+
+def load_state(obj: Any, state: dict[str, torch.Tensor], what: str, names_hint: str, shape_hint: str) -> None:
+    """``obj.load_state_dict(state)`` (strict): wrong parameter names (``names_hint`` says which are
+    right) or shapes (``shape_hint`` says why) fail here."""
+    keys = call_answer(obj.state_dict, f"{what}.state_dict()")
+    if not isinstance(keys, dict):
+        raise AssertionError(f"{what}.state_dict() should return a dict")
+    assert_equal(sorted(keys), sorted(state), f"{what}: the names in its state_dict", hint=names_hint)
+    for name, tensor in state.items():
+        value = keys[name]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(tensor.shape):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise AssertionError(f"{what}: {name} has shape {shape}, expected {tuple(tensor.shape)} ({shape_hint})")
+    call_answer(obj.load_state_dict, f"{what}.load_state_dict(...)", state)
+
+
+def as_scalar_loss(value: Any, what: str) -> torch.Tensor:
+    """``value`` as a 0-d tensor; anything but a one-element tensor fails."""
+    if not isinstance(value, torch.Tensor):
+        raise AssertionError(f"{what}: expected a scalar torch.Tensor, got {type(value).__name__}")
+    if value.numel() != 1:
+        raise AssertionError(f"{what}: expected a scalar loss, got shape {tuple(value.shape)}")
+    return value.reshape(())
+
+
+@functools.lru_cache(maxsize=None)
+def quiet_transformers():
+    """The transformers module, its logging set to errors only (the grader's output stays clean)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def seqcls(cfg: dict[str, Any]):
+    """A ``transformers.LlamaForSequenceClassification`` built from the ``LlamaConfig`` arguments ``cfg``."""
+    import transformers
+
+    return transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**cfg))
