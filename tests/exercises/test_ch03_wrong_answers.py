@@ -3,35 +3,19 @@ correct answers written differently."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llama_from_scratch.checks.ch03_rmsnorm_swiglu import CHECKS
-from llama_from_scratch.grade import load_definitions
 
-REPO = Path(__file__).resolve().parents[2]
-SOLUTION = load_definitions(REPO / "solutions" / "ch03_rmsnorm_swiglu.ipynb").namespace
-STUB = load_definitions(REPO / "exercises" / "ch03_rmsnorm_swiglu.ipynb").namespace
-FAILS = (AssertionError, NotImplementedError)
+from answers import fails_on, solution, solution_and_stub_tests, stub
 
-
-def fails(name: str, answer) -> None:
-    with pytest.raises(FAILS):
-        CHECKS[name](answer)
-
-
-@pytest.mark.parametrize("name", list(CHECKS))
-def test_solution_passes(name):
-    CHECKS[name](SOLUTION[name])
-
-
-@pytest.mark.parametrize("name", list(CHECKS))
-def test_stub_fails(name):
-    fails(name, STUB[name])
+SOLUTION = solution("ch03_rmsnorm_swiglu")
+STUB = stub("ch03_rmsnorm_swiglu")
+fails = fails_on(CHECKS)
+test_solution_passes, test_stub_fails = solution_and_stub_tests(CHECKS, SOLUTION, STUB)
 
 
 # ----- silu_grad ----------------------------------------------------------------------------------

@@ -4,33 +4,18 @@ correct answers written differently."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from llama_from_scratch.checks.ch04_rope import CHECKS
-from llama_from_scratch.grade import load_definitions
 
-REPO = Path(__file__).resolve().parents[2]
-SOLUTION = load_definitions(REPO / "solutions" / "ch04_rope.ipynb").namespace
-STUB = load_definitions(REPO / "exercises" / "ch04_rope.ipynb").namespace
-FAILS = (AssertionError, NotImplementedError)
+from answers import fails_on, solution, solution_and_stub_tests, stub
 
-
-def fails(name: str, answer) -> None:
-    with pytest.raises(FAILS):
-        CHECKS[name](answer)
-
-
-@pytest.mark.parametrize("name", list(CHECKS))
-def test_solution_passes(name):
-    CHECKS[name](SOLUTION[name])
-
-
-@pytest.mark.parametrize("name", list(CHECKS))
-def test_stub_fails(name):
-    fails(name, STUB[name])
+SOLUTION = solution("ch04_rope")
+STUB = stub("ch04_rope")
+fails = fails_on(CHECKS)
+test_solution_passes, test_stub_fails = solution_and_stub_tests(CHECKS, SOLUTION, STUB)
 
 
 # ----- rotate_half_to_interleaved -----------------------------------------------------------------

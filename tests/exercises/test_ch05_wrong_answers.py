@@ -4,34 +4,19 @@ correct answers written differently."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from llama_from_scratch.checks.ch05_attention import CHECKS
-from llama_from_scratch.grade import load_definitions
 
-REPO = Path(__file__).resolve().parents[2]
-SOLUTION = load_definitions(REPO / "solutions" / "ch05_attention.ipynb").namespace
-STUB = load_definitions(REPO / "exercises" / "ch05_attention.ipynb").namespace
-FAILS = (AssertionError, NotImplementedError)
+from answers import fails_on, solution, solution_and_stub_tests, stub
 
-
-def fails(name: str, answer) -> None:
-    with pytest.raises(FAILS):
-        CHECKS[name](answer)
-
-
-@pytest.mark.parametrize("name", list(CHECKS))
-def test_solution_passes(name):
-    CHECKS[name](SOLUTION[name])
-
-
-@pytest.mark.parametrize("name", list(CHECKS))
-def test_stub_fails(name):
-    fails(name, STUB[name])
+SOLUTION = solution("ch05_attention")
+STUB = stub("ch05_attention")
+fails = fails_on(CHECKS)
+test_solution_passes, test_stub_fails = solution_and_stub_tests(CHECKS, SOLUTION, STUB)
 
 
 # ----- attention_mask_4d --------------------------------------------------------------------------

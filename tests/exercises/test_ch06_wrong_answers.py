@@ -8,7 +8,6 @@ rather than a load of the file or a generation."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import regex
@@ -16,31 +15,17 @@ import torch
 from torch import nn
 
 from llama_from_scratch.checks.ch06_llama_model import CHECKS, reference_answer, reference_prompt
-from llama_from_scratch.grade import load_definitions
 
-REPO = Path(__file__).resolve().parents[2]
-SOLUTION = load_definitions(REPO / "solutions" / "ch06_llama_model.ipynb").namespace
-STUB = load_definitions(REPO / "exercises" / "ch06_llama_model.ipynb").namespace
-FAILS = (AssertionError, NotImplementedError)
+from answers import fails_on, solution, solution_and_stub_tests, stub
+
+SOLUTION = solution("ch06_llama_model")
+STUB = stub("ch06_llama_model")
 QUESTION = "What is the capital of France?"
 
 NEEDS_WEIGHTS = {"GGUFTokenizer", "load_llama_from_gguf", "ask_smollm2"}  # read the SmolLM2 GGUF
 EXERCISES = [pytest.param(name, marks=pytest.mark.smollm2) if name in NEEDS_WEIGHTS else name for name in CHECKS]
-
-
-def fails(name: str, answer) -> None:
-    with pytest.raises(FAILS):
-        CHECKS[name](answer)
-
-
-@pytest.mark.parametrize("name", EXERCISES)
-def test_solution_passes(name):
-    CHECKS[name](SOLUTION[name])
-
-
-@pytest.mark.parametrize("name", EXERCISES)
-def test_stub_fails(name):
-    fails(name, STUB[name])
+fails = fails_on(CHECKS)
+test_solution_passes, test_stub_fails = solution_and_stub_tests(CHECKS, SOLUTION, STUB, EXERCISES)
 
 
 # ----- dequantize_ggml --------------------------------------------------------------------------

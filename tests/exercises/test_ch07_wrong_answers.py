@@ -3,31 +3,16 @@ on correct answers written differently."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from llama_from_scratch.checks.ch07_decoding import CHECKS
-from llama_from_scratch.grade import load_definitions
 
-SOLUTIONS = load_definitions(Path(__file__).resolve().parents[2] / "solutions" / "ch07_decoding.ipynb").namespace
-FAILS = (AssertionError, NotImplementedError)
+from answers import fails_on, solution, stub_and_solution_test
 
-
-def stub(*args, **kwargs):
-    raise NotImplementedError
-
-
-def fails(name: str, fn) -> None:
-    with pytest.raises(FAILS):
-        CHECKS[name](fn)
-
-
-@pytest.mark.parametrize("name", sorted(CHECKS))
-def test_stub_fails_and_solution_passes(name):
-    fails(name, stub)
-    CHECKS[name](SOLUTIONS[name])
+SOLUTIONS = solution("ch07_decoding")
+fails = fails_on(CHECKS)
+test_stub_fails_and_solution_passes = stub_and_solution_test(CHECKS, SOLUTIONS)
 
 
 # ----- typical_logits -------------------------------------------------------------------------

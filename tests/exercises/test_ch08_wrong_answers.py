@@ -4,32 +4,18 @@ on correct answers written differently."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from llama_from_scratch.checks.ch08_pretraining import CHECKS
-from llama_from_scratch.grade import load_definitions
 
-SOLUTIONS = load_definitions(Path(__file__).resolve().parents[2] / "solutions" / "ch08_pretraining.ipynb").namespace
-FAILS = (AssertionError, NotImplementedError)
+from answers import fails_on, solution, stub_and_solution_test
 
-
-def stub(*args, **kwargs):
-    raise NotImplementedError
-
-
-def fails(name: str, fn) -> None:
-    with pytest.raises(FAILS):
-        CHECKS[name](fn)
-
-
-@pytest.mark.parametrize("name", sorted(CHECKS))
-def test_stub_fails_and_solution_passes(name):
-    fails(name, stub)
-    CHECKS[name](SOLUTIONS[name])
+SOLUTIONS = solution("ch08_pretraining")
+fails = fails_on(CHECKS)
+test_stub_fails_and_solution_passes = stub_and_solution_test(CHECKS, SOLUTIONS)
 
 
 # ----- wsd_lr_lambda --------------------------------------------------------------------------

@@ -3,33 +3,18 @@ on correct answers written differently."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from llama_from_scratch.checks.ch09_instruction_tuning import CHECKS
-from llama_from_scratch.grade import load_definitions
 
-SOLUTIONS = load_definitions(Path(__file__).resolve().parents[2] / "solutions" / "ch09_instruction_tuning.ipynb").namespace
+from answers import fails_on, solution, stub_and_solution_test
+
+SOLUTIONS = solution("ch09_instruction_tuning")
 SYSTEM = SOLUTIONS["SMOLLM2_SYSTEM"]
-FAILS = (AssertionError, NotImplementedError)
-
-
-def stub(*args, **kwargs):
-    raise NotImplementedError
-
-
-def fails(name: str, fn) -> None:
-    with pytest.raises(FAILS):
-        CHECKS[name](fn)
-
-
-@pytest.mark.parametrize("name", sorted(CHECKS))
-def test_stub_fails_and_solution_passes(name):
-    fails(name, stub)
-    CHECKS[name](SOLUTIONS[name])
+fails = fails_on(CHECKS)
+test_stub_fails_and_solution_passes = stub_and_solution_test(CHECKS, SOLUTIONS)
 
 
 # ----- tokenize_chat --------------------------------------------------------------------------

@@ -7,7 +7,6 @@ checks get the answer as the notebook's ``check`` gives it (``LocalObject``, whi
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -15,9 +14,9 @@ from llama_from_scratch.checks.ch10_lora import CHECKS
 from llama_from_scratch.grade import LocalObject
 from llama_from_scratch.notebook_source import EXERCISE_MARKER, cell_source, read_notebook, replace_solutions
 
-REPO = Path(__file__).resolve().parents[2]
+from answers import REPO, edited_solution_tests
+
 NOTEBOOK = read_notebook(REPO / "solutions" / "ch10_lora.ipynb")
-FAILS = (AssertionError, NotImplementedError)
 CELLS = [cell_source(c) for c in NOTEBOOK["cells"] if c["cell_type"] == "code"]
 IMPORTS = CELLS[0]
 EXERCISES = {m["name"]: src for src in CELLS for m in [EXERCISE_MARKER.search(src)] if m}
@@ -38,24 +37,7 @@ def namespace(name: str | None = None, old: str = "", new: str = "", stub: bool 
     return ns
 
 
-def run(name: str, ns: dict) -> None:
-    CHECKS[name](LocalObject(ns[name]))
-
-
-def fails(name: str, old: str, new: str) -> None:
-    with pytest.raises(FAILS):
-        run(name, namespace(name, old, new))
-
-
-@pytest.mark.parametrize("name", list(CHECKS))
-def test_solution_passes(name):
-    run(name, namespace())
-
-
-@pytest.mark.parametrize("name", list(CHECKS))
-def test_stub_fails(name):
-    with pytest.raises(FAILS):
-        run(name, namespace(name, stub=True))
+run, fails, test_solution_passes, test_stub_fails = edited_solution_tests(CHECKS, namespace, LocalObject)
 
 
 # ----- LoRALinear ---------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ solution notebook's definitions or on a wrong variant written here.
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,38 +15,17 @@ import transformers
 from torch import nn
 
 from llama_from_scratch.checks.ch12_reward_modeling import CHECKS, FORBIDDEN
-from llama_from_scratch.grade import LocalObject, load_definitions
+from llama_from_scratch.grade import LocalObject
 
-REPO = Path(__file__).resolve().parents[2]
-NS = load_definitions(REPO / "solutions" / "ch12_reward_modeling.ipynb").namespace
+from answers import fails_on, forbidden_rules_test, passes_on, solution, solution_and_stub_tests, stub
+
+NS = solution("ch12_reward_modeling")
+STUBS = stub("ch12_reward_modeling")
 solution_loss = NS["reward_model_loss"]
-
-
-def passes(name: str, fn) -> None:
-    CHECKS[name](LocalObject(fn))
-
-
-def fails(name: str, fn) -> None:
-    with pytest.raises((AssertionError, NotImplementedError)):
-        CHECKS[name](LocalObject(fn))
-
-
-def test_every_exercise_has_forbidden_rules_and_a_solution():
-    assert set(FORBIDDEN) == set(CHECKS)
-    assert all(callable(NS[name]) for name in CHECKS)
-
-
-STUBS = load_definitions(REPO / "exercises" / "ch12_reward_modeling.ipynb").namespace
-
-
-@pytest.mark.parametrize("name", list(CHECKS))
-def test_stub_fails(name):
-    fails(name, STUBS[name])
-
-
-@pytest.mark.parametrize("name", list(CHECKS))
-def test_solution_passes(name):
-    passes(name, NS[name])
+passes = passes_on(CHECKS, LocalObject)
+fails = fails_on(CHECKS, LocalObject)
+test_solution_passes, test_stub_fails = solution_and_stub_tests(CHECKS, NS, STUBS, wrap=LocalObject)
+test_every_exercise_has_forbidden_rules_and_a_solution = forbidden_rules_test(CHECKS, FORBIDDEN, NS)
 
 
 # ---------------------------------------------------------------------------------------------- reward_model_loss
