@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,10 @@ def notebook(cells: list[str]) -> dict:
 
 
 def toy_course(tmp_path: Path) -> tuple[Settings, Path]:
-    """A checks package (toychecks) and its solution notebooks, in ``tmp_path``."""
+    """A checks package (toychecks) and its solution notebooks, in ``tmp_path`` (forgetting any
+    toychecks an earlier test imported from its own folder)."""
+    for name in [m for m in sys.modules if m == "toychecks" or m.startswith("toychecks.")]:
+        del sys.modules[name]
     package = tmp_path / "pkgs" / "toychecks"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")

@@ -254,7 +254,7 @@ def test_nothing_outlives_grading_and_temp_folders_go(tmp_path: Path, spawn: str
 @needs_sandbox
 def test_a_hostile_class_cannot_stall_kill_or_rewrite_the_batch(tmp_path: Path) -> None:
     subs = tmp_path / "subs"
-    package = tmp_path / "pkgs" / "toychecks"
+    package = tmp_path / "pkgs" / "attackchecks"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "ch90_toy.py").write_text(
@@ -276,7 +276,7 @@ def test_a_hostile_class_cannot_stall_kill_or_rewrite_the_batch(tmp_path: Path) 
     (subs / "fifo").mkdir()
     os.mkfifo(subs / "fifo" / "ch90_toy.ipynb")
     write_notebook(subs / "huge" / "ch90_toy.ipynb", "# " + "x" * (3 << 20) + "\ndef square(x):\n    return x * x")
-    settings = Settings(checks_package="toychecks", python_path=[str(tmp_path / "pkgs")], solutions=None,
+    settings = Settings(checks_package="attackchecks", python_path=[str(tmp_path / "pkgs")], solutions=None,
                         limits=Limits(timeout=10.0), isolation="sandbox", max_student_mb=2.0)
     started = time.monotonic()
     report = grade_batch(subs, settings, jobs=2)

@@ -138,7 +138,8 @@ def check_typical_logits(fn: Callable) -> None:
     from transformers import TypicalLogitsWarper
 
     rng, g = fresh_rng(), fresh_generator()
-    cases = [(torch.tensor([[2.0, 1.0, 0.0, -1.0, -4.0]]), 0.5, 1)]
+    cases = [(torch.tensor([[2.0, 1.0, 0.0, -1.0, -4.0]]), 0.5, 1),
+             (torch.tensor([[8.0, 1.0, 0.5, 0.0, -0.5, -1.0]]), 0.3, 4)]  # min_tokens_to_keep decides
     while len(cases) < 24:
         batch, vocab = rng.randrange(1, 5), rng.choice([2, 3, 7, rng.randrange(8, 60), rng.randrange(100, 400)])
         keep = 1 if rng.random() < 0.7 else rng.randrange(2, 6)

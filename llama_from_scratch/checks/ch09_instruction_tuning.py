@@ -214,8 +214,11 @@ def check_sft_collate(fn: Callable) -> None:
         longest = max(len(e["input_ids"]) for e in examples)
         max_length = rng.choice([None, None, rng.randrange(2, longest + 3)])
         truncation = rng.choice(["keep_start", "keep_end"])
+        if trial % 4 < 2 and longest > 2:  # every run cuts some example, from each end
+            max_length = rng.randrange(2, longest)
+            truncation = ["keep_end", "keep_start"][trial % 4]
         side = ["right", "left"][trial % 2]
-        multiple = rng.choice([None, None, 4, 8])
+        multiple = rng.choice([None, None, 4, 8]) if trial % 6 else rng.choice([4, 8])
         expected = reference_collate(examples, pad_id, max_length, truncation, side, multiple)
         what = (f"sft_collate({len(examples)} examples of lengths {[len(e['input_ids']) for e in examples]}, "
                 f"pad_token_id={pad_id}, max_length={max_length}, truncation_mode={truncation!r}, "
