@@ -236,7 +236,9 @@ def _bwrap_command(lib_dir: str, limits: Limits, stage_dir: str) -> list[str]:
     else:  # not root: the grader's own user, seen as nobody inside its user namespace
         user = ["--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY)]
     cmd = prefix + [shutil.which("bwrap") or "bwrap", "--unshare-all", *user, "--cap-drop", "ALL", "--die-with-parent",
-                    "--new-session", "--proc", "/proc", "--dev", "/dev"]
+                    "--new-session", "--proc", "/proc", "--dev", "/dev",
+                    # the private /tmp first: a Python installed under /tmp is bound over it below
+                    "--size", str(limits.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp"]
     for name in ("bin", "lib", "lib32", "lib64", "sbin"):
         path = f"/{name}"
         if os.path.islink(path):
@@ -251,8 +253,7 @@ def _bwrap_command(lib_dir: str, limits: Limits, stage_dir: str) -> list[str]:
             cmd += ["--ro-bind", path, path]
     for hidden in _hidden_paths(roots):
         cmd += ["--tmpfs", hidden]
-    cmd += ["--size", str(limits.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp",
-            "--ro-bind", lib_dir, "/grader", "--chdir", "/tmp"]
+    cmd += ["--ro-bind", lib_dir, "/grader", "--chdir", "/tmp"]
     return cmd
 
 

@@ -441,15 +441,15 @@ _FORBIDDEN_EVENTS = {
     "os.forkpty": "forking", "pty.spawn": "starting a process", "socket.connect": "network access",
     "socket.bind": "network access", "socket.getaddrinfo": "network access", "os.kill": "sending signals",
     "os.killpg": "sending signals", "resource.setrlimit": "changing limits", "resource.prlimit": "changing limits",
-    "ctypes.dlopen": "loading C libraries", "os.putenv": "changing the environment",
 }
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
 def install_guard(workdir: str) -> None:
     """The fallback when no sandbox is available: a Python audit hook (PEP 578) that refuses writes
-    outside ``workdir``, reading /proc of other processes, process starts, signals, sockets, rlimit
-    changes and ctypes. It stops honest mistakes and casual tricks; it is NOT a security boundary."""
+    outside ``workdir``, reading /proc of other processes, process starts, signals, sockets and rlimit
+    changes (libraries' own ctypes loading and environment changes stay allowed: bitsandbytes and
+    transformers need them). It stops honest mistakes and casual tricks; it is NOT a security boundary."""
     work = os.path.realpath(workdir).rstrip("/") + "/"
 
     def inside(path: str) -> bool:
