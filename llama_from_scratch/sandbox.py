@@ -400,7 +400,11 @@ class Sandbox:
                     pass
             self.proc = None
         if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+            for _ in range(50):  # a sandbox's mounts may take a moment to go after its processes
+                shutil.rmtree(self.workdir, ignore_errors=True)
+                if not os.path.exists(self.workdir):
+                    break
+                time.sleep(0.05)
             self.workdir = None
         if getattr(self, "cgroup", None):
             for _ in range(50):  # the kernel frees the cgroup once its last process is reaped
