@@ -303,8 +303,20 @@ def run_campaign(folder: Path) -> dict:
     result["files"] = sum(len(v) for k, v in result.items() if k.endswith(
         ("_refused", "_identical", "_different", "_loaded", "hyperparameters", "weights", "exception", "hangs"))
         and k != "nonfinite_logits")
-    result["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    result["max_rss_bytes"] = peak_rss_bytes()
     return result
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak resident memory. VmHWM belongs to the current program; ru_maxrss
+    would also count the parent's memory at the fork that started us (a large pytest process)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
 @pytest.fixture(scope="module")

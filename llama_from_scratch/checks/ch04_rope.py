@@ -118,7 +118,8 @@ def _compare_rope(got: Any, config: dict[str, Any], seq_len: int | None, what: s
     inv_freq, scaling = _reference_rope(config, seq_len)
     if not isinstance(got, (tuple, list)) or len(got) != 2:
         raise AssertionError(f"{what}: return a tuple (inv_freq, attention_scaling), got {type(got).__name__}")
-    assert_close(got[0], inv_freq, f"{what}: inv_freq", rtol=2e-6, atol=0.0, check_dtype=True, hint=hint)
+    # float32 rounding of the smooth blend differs between correct orders of operations by ~4e-6
+    assert_close(got[0], inv_freq, f"{what}: inv_freq", rtol=1e-5, atol=0.0, check_dtype=True, hint=hint)
     value = got[1]
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
