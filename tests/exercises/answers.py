@@ -35,16 +35,17 @@ def unanswered(*args, **kwargs):
     raise NotImplementedError("Exercise: write your code here")
 
 
-def fails(check, fn) -> None:
-    """``check(fn)`` rejects ``fn``."""
-    with pytest.raises(FAILS):
+def fails(check, fn) -> BaseException:
+    """``check(fn)`` rejects ``fn``; returns the failure it raised."""
+    with pytest.raises(FAILS) as failure:
         check(fn)
+    return failure.value
 
 
 def fails_on(checks: dict, wrap=None):
     """``fails(name, fn)`` for a chapter's ``CHECKS``; ``wrap`` turns ``fn`` into what the check gets."""
-    def fails_check(name: str, fn) -> None:
-        fails(checks[name], fn if wrap is None else wrap(fn))
+    def fails_check(name: str, fn) -> BaseException:
+        return fails(checks[name], fn if wrap is None else wrap(fn))
     return fails_check
 
 

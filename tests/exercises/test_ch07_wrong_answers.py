@@ -8,7 +8,7 @@ import torch
 
 from llama_from_scratch.checks.ch07_decoding import CHECKS
 
-from answers import fails_on, solution, stub_and_solution_test
+from answers import FAILS, fails_on, solution, stub_and_solution_test
 
 SOLUTIONS = solution("ch07_decoding")
 fails = fails_on(CHECKS)
@@ -45,7 +45,7 @@ def _typical(logits, mass, keep=1, *, descending=False, log=torch.log, off_by_on
     lambda l, m, k=1: _typical(l, m, k, by_probability=True),         # top-p, not typical
 ], ids=["descending", "entropy-in-bits", "off-by-one", "no-min-tokens", "top-p"])
 def test_typical_wrong(wrong):
-    fails("typical_logits", wrong)
+    assert isinstance(fails("typical_logits", wrong), FAILS)
 
 
 def test_typical_row_by_row_in_float64_passes():
@@ -64,7 +64,7 @@ def test_typical_row_by_row_in_float64_passes():
             out[b, kept] = logits[b, kept]
         return out
 
-    CHECKS["typical_logits"](rows)
+    assert CHECKS["typical_logits"](rows) is None  # a check returns None on a right answer and raises otherwise
 
 
 # ----- no_repeat_ngram_logits -------------------------------------------------------------------
@@ -94,7 +94,7 @@ def _ngram(logits, ids, n, *, prefix_len=None, first_row_only=False, skip_unigra
     lambda l, i, n: _ngram(l, i, n, all_seen=True),         # bans every token seen
 ], ids=["prefix-n", "first-row", "no-unigram", "all-seen"])
 def test_no_repeat_ngram_wrong(wrong):
-    fails("no_repeat_ngram_logits", wrong)
+    assert isinstance(fails("no_repeat_ngram_logits", wrong), FAILS)
 
 
 def test_no_repeat_ngram_vectorised_passes():
@@ -108,7 +108,7 @@ def test_no_repeat_ngram_vectorised_passes():
         banned.scatter_(1, torch.where(match, windows[..., -1], logits.shape[1]), True)
         return logits.masked_fill(banned[:, :-1], float("-inf"))
 
-    CHECKS["no_repeat_ngram_logits"](vectorised)
+    assert CHECKS["no_repeat_ngram_logits"](vectorised) is None  # a check returns None on a right answer and raises otherwise
 
 
 # ----- greedy_decode_with_cache ---------------------------------------------------------------
@@ -153,7 +153,7 @@ def _decode(model, ids, mask, max_new, eos, pad, *, use_mask=True, pad_finished=
     dict(extra_pass=True),           # runs the model once more after the last token
 ], ids=lambda o: next(iter(o)))
 def test_greedy_decode_wrong(options):
-    fails("greedy_decode_with_cache", lambda *a: _decode(*a, **options))
+    assert isinstance(fails("greedy_decode_with_cache", lambda *a: _decode(*a, **options)), FAILS)
 
 
 def test_greedy_decode_with_a_prebuilt_cache_and_a_separate_prefill_passes():
@@ -179,7 +179,7 @@ def test_greedy_decode_with_a_prebuilt_cache_and_a_separate_prefill_passes():
                         cache=out.cache, use_cache=True)
         return torch.cat([ids, torch.stack(columns, 1)], 1), out.cache
 
-    CHECKS["greedy_decode_with_cache"](prefill_first)
+    assert CHECKS["greedy_decode_with_cache"](prefill_first) is None  # a check returns None on a right answer and raises otherwise
 
 
 # ----- speculative_greedy_decode --------------------------------------------------------------
@@ -226,7 +226,7 @@ def _plain_greedy(target, draft, ids, max_new, k, eos=None):
     _plain_greedy,                                  # right tokens, one target pass per token
 ], ids=["no-bonus", "trust-draft", "shifted", "no-eos", "plain-greedy"])
 def test_speculative_wrong(wrong):
-    fails("speculative_greedy_decode", wrong)
+    assert isinstance(fails("speculative_greedy_decode", wrong), FAILS)
 
 
 def test_speculative_drafting_k_always_and_truncating_passes():
@@ -246,4 +246,4 @@ def test_speculative_drafting_k_always_and_truncating_passes():
             ids = torch.cat([ids, new[None]], 1)
         return ids
 
-    CHECKS["speculative_greedy_decode"](always_k)
+    assert CHECKS["speculative_greedy_decode"](always_k) is None  # a check returns None on a right answer and raises otherwise

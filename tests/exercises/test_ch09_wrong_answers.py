@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from llama_from_scratch.checks.ch09_instruction_tuning import CHECKS
 
-from answers import fails_on, solution, stub_and_solution_test
+from answers import FAILS, fails_on, solution, stub_and_solution_test
 
 SOLUTIONS = solution("ch09_instruction_tuning")
 SYSTEM = SOLUTIONS["SMOLLM2_SYSTEM"]
@@ -48,7 +48,7 @@ def _chat(messages, encode, *, default_system=True, always_system=False, mask_en
     dict(generation_prompt=True),     # an assistant header appended at the end
 ], ids=lambda o: next(iter(o)))
 def test_tokenize_chat_wrong(options):
-    fails("tokenize_chat", lambda m, e: _chat(m, e, **options))
+    assert isinstance(fails("tokenize_chat", lambda m, e: _chat(m, e, **options)), FAILS)
 
 
 def test_tokenize_chat_whole_text_with_prefix_lengths_passes():
@@ -69,7 +69,7 @@ def test_tokenize_chat_whole_text_with_prefix_lengths_passes():
             mask[a:b] = [1] * (b - a)
         return {"input_ids": ids, "assistant_masks": mask}
 
-    CHECKS["tokenize_chat"](whole)
+    assert CHECKS["tokenize_chat"](whole) is None  # a check returns None on a right answer and raises otherwise
 
 
 # ----- sft_collate ----------------------------------------------------------------------------
@@ -114,7 +114,7 @@ def _collate(examples, pad, max_length=None, mode="keep_start", side="right", mu
     dict(shift=True),                 # labels shifted by one
 ], ids=lambda o: next(iter(o)))
 def test_sft_collate_wrong(options):
-    fails("sft_collate", lambda *a: _collate(*a, **options))
+    assert isinstance(fails("sft_collate", lambda *a: _collate(*a, **options)), FAILS)
 
 
 def test_sft_collate_with_tensor_ops_passes():
@@ -135,7 +135,7 @@ def test_sft_collate_with_tensor_ops_passes():
                 "attention_mask": torch.stack([pad_to(torch.ones_like(t), 0) for t in ids]),
                 "labels": torch.stack([pad_to(torch.where(m, t, -100), -100) for t, m in zip(ids, masks)])}
 
-    CHECKS["sft_collate"](with_f_pad)
+    assert CHECKS["sft_collate"](with_f_pad) is None  # a check returns None on a right answer and raises otherwise
 
 
 # ----- padding_free_collate -------------------------------------------------------------------
@@ -164,7 +164,7 @@ def _free(examples, *, global_positions=False, keep_first=False, int64=False, no
     dict(first_of_row=True),          # only the row's very first label ignored
 ], ids=lambda o: next(iter(o)))
 def test_padding_free_wrong(options):
-    fails("padding_free_collate", lambda e: _free(e, **options))
+    assert isinstance(fails("padding_free_collate", lambda e: _free(e, **options)), FAILS)
 
 
 def test_padding_free_vectorised_passes():
@@ -178,7 +178,7 @@ def test_padding_free_vectorised_passes():
         return {"input_ids": ids[None], "labels": labels[None], "position_ids": pos[None],
                 "cu_seq_lens": torch.cat([torch.zeros(1), lengths.cumsum(0)]).to(torch.int32)}
 
-    CHECKS["padding_free_collate"](vectorised)
+    assert CHECKS["padding_free_collate"](vectorised) is None  # a check returns None on a right answer and raises otherwise
 
 
 # ----- sft_train ------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def _sft(model, examples, batches, config, *, per_micro_mean=False, no_divide=Fa
     dict(clip=False),                 # no clipping
 ], ids=lambda o: next(iter(o)))
 def test_sft_train_wrong(options):
-    fails("sft_train", lambda *a: _sft(*a, **options))
+    assert isinstance(fails("sft_train", lambda *a: _sft(*a, **options)), FAILS)
 
 
 def test_sft_train_with_transformers_loss_passes():
