@@ -24,7 +24,7 @@ Conventions used throughout:
   on ratios ``exp(logp - logp_old)`` close to 1, which bfloat16's 8-bit mantissa cannot resolve);
   elementwise results come back in the input's dtype, log-probs in float32.
 
-Formulas and constants follow TRL (see REFERENCES.md); the tests check each against an
+Formulas and constants follow TRL (see docs/REFERENCES.md); the tests check each against an
 independent implementation.
 """
 

@@ -407,7 +407,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: Sequence[i
     (its pure-torch backend, ``bitsandbytes.backends.default.ops._dequantize_4bit_compute``); the
     result is bit-identical to it for every shape. (bitsandbytes' native CPU kernel gives wrong
     values when the last dimension of ``shape`` is not a multiple of ``blocksize``; see
-    REFERENCES.md and the tests.)
+    docs/REFERENCES.md and the tests.)
 
     Each byte is looked up in a 256-row table holding its two values at once, which unpacks both
     nibbles in one gather; the scales are then applied in place. On CPU the table rows are 8-byte
