@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llama_from_scratch.notebook_source import exercises_in, read_notebook
+from llama_from_scratch.course.notebook_source import exercises_in, read_notebook
 from llama_from_scratch.weights import SMOLLM2_PIP
 
 CONFIG_PATH = Path(".github") / "classroom" / "autograding.json"

@@ -5,7 +5,7 @@
     pytest tests/exercises --notebooks exercises
 
 How it works. The grader never runs a notebook top to bottom (that would re-run training cells).
-It reads the code cells and sends them to a separate process (``llama_from_scratch.sandbox``,
+It reads the code cells and sends them to a separate process (``llama_from_scratch.course.sandbox``,
 isolated with bubblewrap where available), which executes only their *definitions* (imports,
 ``def``, ``class`` and ALL_CAPS constants). Each exercise's check runs here, in the grader: it
 draws inputs, sends them to the student's function in that process, gets the outputs back as data
@@ -35,13 +35,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from llama_from_scratch import checks as checks_registry
-from llama_from_scratch.answer_rules import ALWAYS_FORBIDDEN, first_violation
-from llama_from_scratch.notebook_source import cell_source, exercises_in, read_notebook
-from llama_from_scratch.sandbox import (UNSAFE_WARNING, Limits, RemoteObject, Sandbox, StudentCrashed, StudentError,
+from llama_from_scratch.course import checks as checks_registry
+from llama_from_scratch.course.answer_rules import ALWAYS_FORBIDDEN, first_violation
+from llama_from_scratch.course.notebook_source import cell_source, exercises_in, read_notebook
+from llama_from_scratch.course.sandbox import (UNSAFE_WARNING, Limits, RemoteObject, Sandbox, StudentCrashed, StudentError,
                                         StudentTimeout, isolation_mode)
-from llama_from_scratch.sandbox_worker import LoadedNotebook, definitions_of, load_cells, silenced
-from llama_from_scratch.wire import Callback, Construct
+from llama_from_scratch.course.sandbox_worker import LoadedNotebook, definitions_of, load_cells, silenced
+from llama_from_scratch.course.wire import Callback, Construct
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -287,7 +287,7 @@ class LocalObject:
         return _local(getattr(self._target, attr))
 
     def _lfs_value_and_grad(self, args: tuple, kwargs: dict, grad_output: Any) -> Any:
-        from llama_from_scratch.checks.common import local_value_and_grad
+        from llama_from_scratch.course.checks.common import local_value_and_grad
 
         return local_value_and_grad(self._target, tuple(_real(args)), _real(kwargs), grad_output)
 
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--isolation", choices=["auto", "sandbox", "unsafe"], default="auto",
                         help="auto: bubblewrap sandbox where available, else an unsafe plain process "
                              "(with a warning); sandbox: refuse to grade without bubblewrap")
-    from llama_from_scratch import batch_grade
+    from llama_from_scratch.course import batch_grade
 
     batch_grade.add_arguments(parser)
     args = parser.parse_args(argv)

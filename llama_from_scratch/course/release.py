@@ -21,7 +21,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from llama_from_scratch.notebook_source import cell_source, read_notebook, replace_solutions
+from llama_from_scratch.course.notebook_source import cell_source, read_notebook, replace_solutions
 from llama_from_scratch.weights import SMOLLM2_PIP
 
 
@@ -88,7 +88,7 @@ REQUIREMENTS = {
 # Installed with the course package (its [project] dependencies) or part of Python.
 PROVIDED = {"llama_from_scratch", "torch", "numpy", "matplotlib", "tiktoken", "tiktoken_ext", "tqdm",
             "safetensors", "gguf", "regex", "IPython", "ipykernel",
-            "wire"}  # llama_from_scratch/wire.py, imported by its bare name by sandbox_worker.py (a script)
+            "wire"}  # llama_from_scratch/course/wire.py, imported by its bare name by sandbox_worker.py (a script)
 
 
 def _imports_in(source: str) -> set[str]:
@@ -109,14 +109,14 @@ def _imports_in(source: str) -> set[str]:
 
 def notebook_imports(solutions: Path) -> set[str]:
     """Third-party top-level modules the released chapters need: what the notebooks import, what
-    their grading checks (``llama_from_scratch/checks/<notebook>.py``) import, and, followed
+    their grading checks (``llama_from_scratch/course/checks/<notebook>.py``) import, and, followed
     through, what the package modules they use import. Python's own modules left out."""
-    package_root = Path(__file__).resolve().parent
+    package_root = Path(__file__).resolve().parents[1]
     modules: set[str] = set()
     for path in sorted(solutions.glob("ch*.ipynb")):
         nb = read_notebook(path)
         modules |= _imports_in("\n".join(cell_source(c) for c in nb["cells"] if c.get("cell_type") == "code"))
-        modules.add(f"llama_from_scratch.checks.{path.stem}")
+        modules.add(f"llama_from_scratch.course.checks.{path.stem}")
     seen: set[str] = set()
     todo = [m for m in modules if m.split(".")[0] == "llama_from_scratch"]
     while todo:  # follow the package's own modules to what they import
@@ -194,7 +194,7 @@ and push; the autograder in `.github/classroom/autograding.json` runs one test p
 
 
 def _exercise_table(solutions: Path) -> str:
-    from llama_from_scratch.notebook_source import exercises_in
+    from llama_from_scratch.course.notebook_source import exercises_in
 
     rows = []
     for path in sorted(solutions.glob("ch*.ipynb")):
@@ -213,7 +213,7 @@ def student_release(solutions: Path, target: Path, package_spec: str = PACKAGE_P
     from, then what the notebooks and their checks import besides, see :func:`student_requirements`) and ``.github/classroom/autograding.json``; never the solutions. Returns the relative
     paths written. A folder must not exist yet or be empty.
     """
-    from llama_from_scratch.classroom import CONFIG_PATH, RELEASE_SETUP, autograding_config, dumps_config
+    from llama_from_scratch.course.classroom import CONFIG_PATH, RELEASE_SETUP, autograding_config, dumps_config
 
     files = {f"exercises/{path.name}": dumps_notebook(make_exercise_notebook(read_notebook(path)))
              for path in sorted(solutions.glob("ch*.ipynb"))}
