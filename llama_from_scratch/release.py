@@ -1,0 +1,15 @@
+"""``python -m llama_from_scratch.release``: exercises/ from solutions/, and the student release.
+
+A thin entry point: the code lives with the rest of the course machinery in
+:mod:`llama_from_scratch.course.release`; this module forwards to it so that the documented
+command keeps working.
+"""
+
+import sys
+
+from llama_from_scratch.course.release import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    sys.exit(main())
