@@ -1,9 +1,6 @@
-"""``python -m llama_from_scratch.grade`` and ``from llama_from_scratch.grade import check``.
-
-A thin entry point: the grader lives with the rest of the course machinery in
-:mod:`llama_from_scratch.course.grade`; this module forwards to it so that the documented command,
-the ``lfs-grade`` script and the exercise notebooks' import keep working.
-"""
+"""``python -m llama_from_scratch.grade`` (also the ``lfs-grade`` script) and, in an exercise
+notebook, ``from llama_from_scratch.grade import check``: an entry point only, forwarding to the
+grader in :mod:`llama_from_scratch.course.grade`, with the rest of the course machinery."""
 
 import sys
 

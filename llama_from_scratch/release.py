@@ -1,15 +1,9 @@
-"""``python -m llama_from_scratch.release``: exercises/ from solutions/, and the student release.
-
-A thin entry point: the code lives with the rest of the course machinery in
-:mod:`llama_from_scratch.course.release`; this module forwards to it so that the documented
-command keeps working.
-"""
+"""``python -m llama_from_scratch.release``: an entry point only, forwarding to
+:mod:`llama_from_scratch.course.release` (exercises/ from solutions/, the student release)."""
 
 import sys
 
 from llama_from_scratch.course.release import main
-
-__all__ = ["main"]
 
 if __name__ == "__main__":
     sys.exit(main())
