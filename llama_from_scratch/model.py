@@ -9,6 +9,10 @@ Every block is
 Module names copy Hugging Face's ``LlamaForCausalLM`` exactly, so ``state_dict()`` keys are the
 familiar ones (``model.layers.0.self_attn.q_proj.weight``, ...) and weights move between the two
 implementations with ``load_state_dict``.
+
+Each ``forward`` reads top to bottom on one screen; what it delegates sits right after it: the
+input checks, the positions and mask of a pass (``LlamaBackbone._positions_and_mask``) and the RoPE
+rows every block gets (``LlamaBackbone.rope_for``).
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ class TransformerBlock(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def padding_positions(attention_mask: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+def _padding_positions(attention_mask: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
     """RoPE positions ``[B, T]`` of the last ``T`` columns of a 2-D padding mask
     (``[B, start_pos + T]``, 1 = token, 0 = padding), counted over real tokens only.
 
@@ -163,7 +167,7 @@ class LlamaBackbone(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The RoPE positions (``[B, T]``, or None for ``start_pos + arange(T)``) and the mask the
         blocks get: explicit ``position_ids`` checked; a 2-D padding mask checked, turned into
-        positions counted over real tokens (:func:`padding_positions`) unless ``position_ids`` are
+        positions counted over real tokens (:func:`_padding_positions`) unless ``position_ids`` are
         given, and into a ``[B, 1, T, S]`` causal-and-padding mask built once for all layers; a
         4-D mask (or None) passed on as is."""
         bsz, seq_len = input_ids.shape
@@ -178,7 +182,7 @@ class LlamaBackbone(nn.Module):
                 f"0 = padding, cached positions included), got {tuple(attention_mask.shape)}"
             )
         if position_ids is None:
-            position_ids = padding_positions(attention_mask, start_pos)
+            position_ids = _padding_positions(attention_mask, start_pos)
         kv_len = total if kv_cache is not None else seq_len  # the key positions attention sees
         return position_ids, build_attention_mask(attention_mask[:, total - kv_len:], seq_len)
 
