@@ -26,6 +26,11 @@ read when `GGUFFile.load_tensor` dequantizes it.
 
 The `gguf` package (maintained with llama.cpp) is the reference these functions are tested
 against; it is not used here.
+
+The last section reads a llama GGUF in this package's terms: its metadata as a `LlamaConfig`
+(`config_from_gguf`), llama.cpp's tensor names as Hugging Face's (`gguf_to_hf_name`), and its
+tensors as a state dict with q/k rows in rotate-half order (`llama_state_dict`), from which
+`Llama.from_gguf` builds the model (see `loading.py` for the four steps).
 """
 
 from __future__ import annotations
