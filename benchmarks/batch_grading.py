@@ -24,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from llama_from_scratch.batch_grade import Limits, Settings, grade_batch
-from llama_from_scratch.notebook_source import cell_source, exercises_in, read_notebook
-from llama_from_scratch.release import dumps_notebook, make_exercise_notebook
+from llama_from_scratch.course.batch_grade import Limits, Settings, grade_batch
+from llama_from_scratch.course.notebook_source import cell_source, exercises_in, read_notebook
+from llama_from_scratch.course.release import dumps_notebook, make_exercise_notebook
 
 REPO = Path(__file__).resolve().parent.parent
 CHAPTERS = ("ch01_tokenization", "ch02_cross_entropy")

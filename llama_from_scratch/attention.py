@@ -169,8 +169,8 @@ class GroupedQueryAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None = None,
+        sin: torch.Tensor | None = None,
         start_pos: int = 0,
         kv_cache: KVCache | None = None,
         layer_idx: int | None = None,
@@ -181,7 +181,8 @@ class GroupedQueryAttention(nn.Module):
         """Attention output for ``x`` (``[B, T, dim]``) -> ``[B, T, dim]``.
 
         Args:
-            cos, sin: RoPE tables from :func:`~llama_from_scratch.rope.precompute_rope`.
+            cos, sin: RoPE tables from :func:`~llama_from_scratch.rope.precompute_rope` (or pass
+                ``rope``).
             start_pos: position of ``x``'s first token; with a cache, also where its keys and
                 values are written (the cache must hold positions ``0 .. start_pos - 1``).
             kv_cache: a :class:`KVCache`; keys and values of all positions up to
@@ -191,12 +192,14 @@ class GroupedQueryAttention(nn.Module):
                 positions (``start_pos + T`` with a cache, ``T`` without).
             position_ids: explicit RoPE positions ``[B, T]`` (e.g. restarting after left padding);
                 default ``start_pos + arange(T)``.
-            rope: optional ``(cos, sin)`` already selected for these ``T`` positions (``[T, D]``
-                or ``[B, 1, T, D]``) and cast to ``x``'s dtype; then ``cos``, ``sin`` and
-                ``position_ids`` are not looked at. The model passes it: the selection is the
-                same for every layer, so it is done once per forward pass instead of once per
-                layer (:meth:`~llama_from_scratch.model.LlamaBackbone.forward`).
+            rope: instead of ``cos``, ``sin`` and ``position_ids``: the ``(cos, sin)`` rows already
+                selected for these ``T`` positions (``[T, D]`` or ``[B, 1, T, D]``) and cast to
+                ``x``'s dtype. The model's blocks pass it: the selection is the same for every
+                layer, so it is done once per forward pass instead of once per layer
+                (:meth:`~llama_from_scratch.model.LlamaBackbone.rope_for`).
         """
+        if rope is None and (cos is None or sin is None):
+            raise TypeError("GroupedQueryAttention.forward needs the RoPE tables cos and sin (or rope=)")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"expected x of shape [B, T, {self.dim}], got {tuple(x.shape)}")
         bsz, seq_len, _ = x.shape

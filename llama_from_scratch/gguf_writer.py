@@ -64,7 +64,7 @@ _F16_MAX = 65504.0
 # Metadata value type ids (the reader's GGUF_VALUE_TYPES)
 _UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY = 4, 5, 6, 7, 8, 9
 
-# Hugging Face (this package's) name -> llama.cpp's; the inverse of loading.py's tables
+# Hugging Face (this package's) name -> llama.cpp's; the inverse of gguf_reader.py's tables
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm",
     "self_attn.q_proj": "attn_q",

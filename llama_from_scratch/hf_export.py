@@ -178,6 +178,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _llama_class(model: object) -> type | None:
+    """``llama_from_scratch.model.Llama`` when ``model`` is one (or a subclass's instance), else None.
+
+    Found among the model's classes rather than imported: ``model.py`` imports this module (for
+    :meth:`Llama.save_pretrained`), and the imports go one way."""
+    classes = type(model).__mro__
+    return next((c for c in classes if (c.__module__, c.__name__) == ("llama_from_scratch.model", "Llama")), None)
+
+
 def save_pretrained(model: Llama, folder: str | os.PathLike, tokenizer: SmolLM2Tokenizer | None = None) -> Path:
     """Writes ``model`` (and ``tokenizer``, if given) as a Hugging Face folder that
     ``AutoModelForCausalLM.from_pretrained(folder)`` (and ``AutoTokenizer``) load, and that
@@ -190,13 +199,12 @@ def save_pretrained(model: Llama, folder: str | os.PathLike, tokenizer: SmolLM2T
     """
     from safetensors.torch import save_file
 
-    from llama_from_scratch.model import Llama
-
-    if not isinstance(model, Llama):
+    llama = _llama_class(model)
+    if llama is None:
         raise TypeError(f"save_pretrained expects a llama_from_scratch Llama, got {type(model).__name__}")
     state = hf_state_dict(model)
     with torch.device("meta"):
-        expected = set(Llama(model.config).state_dict())  # a plain model's keys, no memory used
+        expected = set(llama(model.config).state_dict())  # a plain model's keys, no memory used
     if set(model.state_dict()) != expected:
         extra = sorted(set(model.state_dict()) ^ expected)[:6]
         raise ValueError(

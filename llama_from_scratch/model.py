@@ -9,6 +9,10 @@ Every block is
 Module names copy Hugging Face's ``LlamaForCausalLM`` exactly, so ``state_dict()`` keys are the
 familiar ones (``model.layers.0.self_attn.q_proj.weight``, ...) and weights move between the two
 implementations with ``load_state_dict``.
+
+Each ``forward`` reads top to bottom on one screen; what it delegates sits right after it: the
+input checks, the positions and mask of a pass (``LlamaBackbone._positions_and_mask``) and the RoPE
+rows every block gets (``LlamaBackbone.rope_for``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 from llama_from_scratch.attention import GroupedQueryAttention, KVCache, build_attention_mask
 from llama_from_scratch.config import LlamaConfig
 from llama_from_scratch.feed_forward import SwiGLU
+from llama_from_scratch.gguf_reader import GGUFFile, check_llama_keys, config_from_gguf, llama_state_dict, read_gguf
 from llama_from_scratch.hf_export import save_pretrained as _save_pretrained, tie_or_check_keys
 from llama_from_scratch.loss import chunked_cross_entropy, cross_entropy
 from llama_from_scratch.normalization import RMSNorm
@@ -40,6 +45,17 @@ def _check_hf_kwargs(hf_kwargs: dict[str, object]) -> None:
         raise ValueError(f"Llama.forward does not implement {given}; they are accepted only as None{hint}")
 
 
+def _check_forward_args(logits_to_keep: int, targets: torch.Tensor | None, hf_kwargs: dict[str, object]) -> None:
+    """The checks of :meth:`Llama.forward`'s own arguments: ``logits_to_keep`` an int >= 0, not
+    combined with ``targets``; Hugging Face arguments this model does not implement refused."""
+    if hf_kwargs:
+        _check_hf_kwargs(hf_kwargs)
+    if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 (0 = all positions), got {logits_to_keep!r}")
+    if targets is not None and logits_to_keep:
+        raise ValueError("targets needs the logits of every position: do not combine it with logits_to_keep")
+
+
 class TransformerBlock(nn.Module):
     """One pre-norm Llama block: RMSNorm -> attention -> residual, RMSNorm -> SwiGLU -> residual."""
 
@@ -54,19 +70,28 @@ class TransformerBlock(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
         start_pos: int = 0,
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        h = x + self.self_attn(
-            self.input_layernorm(x), cos, sin, start_pos=start_pos, kv_cache=kv_cache,
-            layer_idx=self.layer_idx, attention_mask=attention_mask, position_ids=position_ids, rope=rope,
-        )
+        """``x`` (``[B, T, dim]``) -> ``[B, T, dim]``. ``rope`` is the ``(cos, sin)`` of these ``T``
+        positions (:meth:`LlamaBackbone.rope_for`); ``start_pos``, ``kv_cache`` and
+        ``attention_mask`` are passed to attention (see :class:`GroupedQueryAttention`)."""
+        h = x + self.self_attn(self.input_layernorm(x), rope=rope, start_pos=start_pos, kv_cache=kv_cache,
+                               attention_mask=attention_mask)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def _padding_positions(attention_mask: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    """RoPE positions ``[B, T]`` of the last ``T`` columns of a 2-D padding mask
+    (``[B, start_pos + T]``, 1 = token, 0 = padding), counted over real tokens only.
+
+    As Hugging Face does: after left padding the first real token is at position 0, exactly as
+    without padding (padding positions get 1; their outputs are masked out anyway).
+    """
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)[:, start_pos:]
 
 
 class LlamaBackbone(nn.Module):
@@ -87,46 +112,6 @@ class LlamaBackbone(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def reset_rope(self, device: torch.device | str | None = None) -> None:
-        """Recomputes the RoPE tables (float32) on ``device``, e.g. after building on the meta device."""
-        c = self.config
-        cos, sin = precompute_rope(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
-        self.rope_cos = cos.to(device)
-        self.rope_sin = sin.to(device)
-
-    def rope_for(
-        self, start_pos: int, seq_len: int, position_ids: torch.Tensor | None, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The RoPE ``(cos, sin)`` rows of this forward pass's positions, in ``dtype``: ``[T, D]``
-        for positions ``start_pos .. start_pos + T - 1``, or ``[B, 1, T, D]`` for ``position_ids``
-        (``[B, T]``, already checked).
-
-        Every layer rotates by the same angles, so they are looked up (and cast) once per forward
-        pass, not once per layer; the values are exactly those :func:`~llama_from_scratch.rope.apply_rope`
-        would use (float32 table, then cast, as Hugging Face does).
-        """
-        if position_ids is None:
-            cos = self.rope_cos[start_pos : start_pos + seq_len]
-            sin = self.rope_sin[start_pos : start_pos + seq_len]
-        else:
-            cos = self.rope_cos[position_ids].unsqueeze(1)  # [B, T, D] -> [B, 1, T, D]: same for all heads
-            sin = self.rope_sin[position_ids].unsqueeze(1)
-        return cos.to(dtype), sin.to(dtype)
-
-    def _check_position_ids(self, position_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """Explicit ``position_ids`` (``[T]`` or ``[B, T]``, integer, within the RoPE table) as ``[B, T]``."""
-        if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
-            raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
-        if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != seq_len:
-            raise ValueError(f"position_ids must be [T] or [B, T] with T={seq_len}, got {tuple(position_ids.shape)}")
-        max_seq_len = self.rope_cos.shape[0]
-        if position_ids.min() < 0 or position_ids.max() >= max_seq_len:
-            raise ValueError(
-                f"position_ids must lie in [0, {max_seq_len}) (max_seq_len={max_seq_len}), "
-                f"got range [{int(position_ids.min())}, {int(position_ids.max())}]"
-            )
-        return position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -136,6 +121,20 @@ class LlamaBackbone(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """See :meth:`Llama.forward`; returns the final hidden states instead of logits."""
+        self._check_inputs(input_ids, start_pos, kv_cache)
+        seq_len = input_ids.shape[1]
+        position_ids, mask = self._positions_and_mask(input_ids, start_pos, kv_cache, attention_mask, position_ids)
+        h = self.embed_tokens(input_ids)
+        rope = self.rope_for(start_pos, seq_len, position_ids, h.dtype)  # looked up once, for every layer
+        for layer in self.layers:
+            h = layer(h, rope, start_pos=start_pos, kv_cache=kv_cache, attention_mask=mask)
+        return self.norm(h)
+
+    # ----- the helpers of forward ---------------------------------------------------------------
+
+    def _check_inputs(self, input_ids: torch.Tensor, start_pos: int, kv_cache: KVCache | None) -> None:
+        """``input_ids`` a non-empty ``[B, T]`` integer tensor that fits in the context from
+        ``start_pos``; a ``kv_cache`` shaped for this model and batch."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be a [batch, seq_len] tensor, got {shape}")
@@ -157,32 +156,75 @@ class LlamaBackbone(nn.Module):
                     f"KV cache has {kv_cache.n_layers} layers and batch {kv_cache.batch_size}; the model has "
                     f"{len(self.layers)} layers and the input batch is {bsz}"
                 )
-        kv_len = start_pos + seq_len if kv_cache is not None else seq_len
 
+    def _positions_and_mask(
+        self,
+        input_ids: torch.Tensor,
+        start_pos: int,
+        kv_cache: KVCache | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The RoPE positions (``[B, T]``, or None for ``start_pos + arange(T)``) and the mask the
+        blocks get: explicit ``position_ids`` checked; a 2-D padding mask checked, turned into
+        positions counted over real tokens (:func:`_padding_positions`) unless ``position_ids`` are
+        given, and into a ``[B, 1, T, S]`` causal-and-padding mask built once for all layers; a
+        4-D mask (or None) passed on as is."""
+        bsz, seq_len = input_ids.shape
         if position_ids is not None:
             position_ids = self._check_position_ids(position_ids, seq_len)
-        mask = attention_mask
-        if attention_mask is not None and attention_mask.dim() == 2:
-            total = start_pos + seq_len
-            if attention_mask.shape != (bsz, total):
-                raise ValueError(
-                    f"attention_mask must be [batch, start_pos + seq_len] = [{bsz}, {total}] (1 = token, "
-                    f"0 = padding, cached positions included), got {tuple(attention_mask.shape)}"
-                )
-            if position_ids is None:
-                # As Hugging Face does: count only real tokens, so that after left padding the first
-                # real token is at position 0, exactly as without padding.
-                positions = attention_mask.long().cumsum(-1) - 1
-                positions = positions.masked_fill(attention_mask == 0, 1)
-                position_ids = positions[:, start_pos:]
-            mask = build_attention_mask(attention_mask[:, total - kv_len:], seq_len)  # [B, 1, T, S], once
+        if attention_mask is None or attention_mask.dim() != 2:
+            return position_ids, attention_mask
+        total = start_pos + seq_len
+        if attention_mask.shape != (bsz, total):
+            raise ValueError(
+                f"attention_mask must be [batch, start_pos + seq_len] = [{bsz}, {total}] (1 = token, "
+                f"0 = padding, cached positions included), got {tuple(attention_mask.shape)}"
+            )
+        if position_ids is None:
+            position_ids = _padding_positions(attention_mask, start_pos)
+        kv_len = total if kv_cache is not None else seq_len  # the key positions attention sees
+        return position_ids, build_attention_mask(attention_mask[:, total - kv_len:], seq_len)
 
-        h = self.embed_tokens(input_ids)
-        rope = self.rope_for(start_pos, seq_len, position_ids, h.dtype)  # once, for all layers
-        for layer in self.layers:
-            h = layer(h, self.rope_cos, self.rope_sin, start_pos=start_pos, kv_cache=kv_cache,
-                      attention_mask=mask, position_ids=position_ids, rope=rope)
-        return self.norm(h)
+    def _check_position_ids(self, position_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """Explicit ``position_ids`` (``[T]`` or ``[B, T]``, integer, within the RoPE table) as ``[B, T]``."""
+        if position_ids.dtype.is_floating_point or position_ids.dtype == torch.bool:
+            raise TypeError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
+        if position_ids.dim() not in (1, 2) or position_ids.shape[-1] != seq_len:
+            raise ValueError(f"position_ids must be [T] or [B, T] with T={seq_len}, got {tuple(position_ids.shape)}")
+        max_seq_len = self.rope_cos.shape[0]
+        if position_ids.min() < 0 or position_ids.max() >= max_seq_len:
+            raise ValueError(
+                f"position_ids must lie in [0, {max_seq_len}) (max_seq_len={max_seq_len}), "
+                f"got range [{int(position_ids.min())}, {int(position_ids.max())}]"
+            )
+        return position_ids if position_ids.dim() == 2 else position_ids.unsqueeze(0)
+
+    def rope_for(
+        self, start_pos: int, seq_len: int, position_ids: torch.Tensor | None, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE ``(cos, sin)`` rows of this forward pass's positions, in ``dtype``: ``[T, D]``
+        for positions ``start_pos .. start_pos + T - 1``, or ``[B, 1, T, D]`` for ``position_ids``
+        (``[B, T]``, already checked). This is what the blocks get.
+
+        Every layer rotates by the same angles, so they are looked up (and cast) once per forward
+        pass, not once per layer; the values are exactly those :func:`~llama_from_scratch.rope.apply_rope`
+        would use (float32 table, then cast, as Hugging Face does).
+        """
+        if position_ids is None:
+            cos = self.rope_cos[start_pos : start_pos + seq_len]
+            sin = self.rope_sin[start_pos : start_pos + seq_len]
+        else:
+            cos = self.rope_cos[position_ids].unsqueeze(1)  # [B, T, D] -> [B, 1, T, D]: same for all heads
+            sin = self.rope_sin[position_ids].unsqueeze(1)
+        return cos.to(dtype), sin.to(dtype)
+
+    def reset_rope(self, device: torch.device | str | None = None) -> None:
+        """Recomputes the RoPE tables (float32) on ``device``, e.g. after building on the meta device."""
+        c = self.config
+        cos, sin = precompute_rope(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling)
+        self.rope_cos = cos.to(device)
+        self.rope_sin = sin.to(device)
 
 
 class Llama(nn.Module):
@@ -256,12 +298,7 @@ class Llama(nn.Module):
                 ``output_attentions``, ``output_hidden_states``, ``return_dict``; accepted only as
                 ``None`` (for a loss pass ``targets``, the labels already shifted).
         """
-        if hf_kwargs:
-            _check_hf_kwargs(hf_kwargs)
-        if not isinstance(logits_to_keep, int) or isinstance(logits_to_keep, bool) or logits_to_keep < 0:
-            raise ValueError(f"logits_to_keep must be an int >= 0 (0 = all positions), got {logits_to_keep!r}")
-        if targets is not None and logits_to_keep:
-            raise ValueError("targets needs the logits of every position: do not combine it with logits_to_keep")
+        _check_forward_args(logits_to_keep, targets, hf_kwargs)
         hidden = self.model(input_ids, start_pos, kv_cache, attention_mask, position_ids)
         if targets is not None:
             return self.next_token_loss(hidden, targets)
@@ -393,9 +430,7 @@ class Llama(nn.Module):
         # Tied checkpoints store the shared matrix once, as model.embed_tokens.weight (transformers)
         # or lm_head.weight (safetensors.torch.save_model); genuinely missing keys raise by name.
         state_dict = tie_or_check_keys(state_dict, config, set(model.state_dict()), str(folder))
-        model.load_state_dict(state_dict, strict=True, assign=True)
-        model.tie_weights()  # assign=True made two Parameters; share one again
-        model.model.reset_rope()
+        model._assign_weights(state_dict)
         if device is not None:
             model.to(device)
         return model.eval()
@@ -408,8 +443,23 @@ class Llama(nn.Module):
         return _save_pretrained(self, folder, tokenizer)
 
     @classmethod
-    def from_gguf(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> Llama:
-        """Loads a llama GGUF file (dequantized by this package's own code; see ``loading.py``)."""
-        from llama_from_scratch.loading import llama_from_gguf
+    def from_gguf(cls, path: str | Path | GGUFFile, dtype: torch.dtype = torch.float32) -> Llama:
+        """Loads a llama GGUF file (a path or an open :class:`~llama_from_scratch.gguf_reader.GGUFFile`),
+        dequantized by this package's own code: metadata -> config, llama.cpp names -> these
+        names, q/k rows un-interleaved (see :mod:`~llama_from_scratch.loading`). Raises
+        ``ValueError`` (``GGUFError`` for the file itself) naming the offending tensors."""
+        gguf = path if isinstance(path, GGUFFile) else read_gguf(path)
+        config = config_from_gguf(gguf)
+        state_dict, unknown = llama_state_dict(gguf, config, dtype)
+        with torch.device("meta"):
+            model = cls(config)
+        check_llama_keys(model.state_dict(), state_dict, unknown, gguf.path)
+        return model._assign_weights(state_dict).eval()
 
-        return llama_from_gguf(path, dtype=dtype)
+    def _assign_weights(self, state_dict: dict[str, torch.Tensor]) -> Llama:
+        """Makes ``state_dict``'s tensors (all keys, right shapes) this model's weights, as they are
+        (``assign=True``: a model built on the meta device gets real tensors without a copy)."""
+        self.load_state_dict(state_dict, strict=True, assign=True)
+        self.tie_weights()  # assign=True made two Parameters; share one again
+        self.model.reset_rope()
+        return self

@@ -7,7 +7,7 @@ import ast
 
 import pytest
 
-from llama_from_scratch.answer_rules import first_violation
+from llama_from_scratch.course.answer_rules import first_violation
 
 RULES = ["torch.nn.functional.cross_entropy", "torch.logsumexp", "torch.Tensor.logsumexp"]
 

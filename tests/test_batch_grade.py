@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from llama_from_scratch.batch_grade import Limits, Settings, find_submissions, grade_batch, write_reports
-from llama_from_scratch.grade import main
-from llama_from_scratch.notebook_source import cell_source, read_notebook
-from llama_from_scratch.release import dumps_notebook, make_exercise_notebook
-from llama_from_scratch.sandbox import bubblewrap_problem
+from llama_from_scratch.course.batch_grade import Limits, Settings, find_submissions, grade_batch, write_reports
+from llama_from_scratch.course.grade import main
+from llama_from_scratch.course.notebook_source import cell_source, read_notebook
+from llama_from_scratch.course.release import dumps_notebook, make_exercise_notebook
+from llama_from_scratch.course.sandbox import bubblewrap_problem
 
 REPO = Path(__file__).resolve().parent.parent
 CH1, CH2 = "ch01_toy", "ch02_toy"

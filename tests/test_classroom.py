@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from llama_from_scratch.classroom import CONFIG_PATH, autograding_config, chapter_points, dumps_config, main
-from llama_from_scratch.notebook_source import exercises_in, read_notebook
+from llama_from_scratch.course.classroom import CONFIG_PATH, autograding_config, chapter_points, dumps_config, main
+from llama_from_scratch.course.notebook_source import exercises_in, read_notebook
 
 REPO = Path(__file__).resolve().parent.parent
 SOLUTIONS = REPO / "solutions"
@@ -54,8 +54,8 @@ def test_cli_writes_and_checks(tmp_path: Path) -> None:
 
 def test_the_run_command_grades_a_chapter_and_its_exit_code_decides(tmp_path: Path) -> None:
     """What GitHub Classroom runs: exit 0 on the solution, non-zero on the stubs, --only works."""
-    from llama_from_scratch.grade import main as grade_main
-    from llama_from_scratch.release import student_release
+    from llama_from_scratch.course.grade import main as grade_main
+    from llama_from_scratch.course.release import student_release
 
     solution = sorted(SOLUTIONS.glob("ch*.ipynb"))[0]
     assert grade_main([str(solution)]) == 0

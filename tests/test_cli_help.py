@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_from_scratch import chat, pretrain, release
+from llama_from_scratch import chat, pretrain
+from llama_from_scratch.course import release
 from llama_from_scratch.trainer import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_from_scratch.grade import grade_notebook, load_definitions, main
+from llama_from_scratch.course.grade import grade_notebook, load_definitions, main
 
 
 def check_square(fn) -> None:

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_from_scratch.batch_grade import Settings, grade_batch, write_reports
-from llama_from_scratch.grade import grade_notebook, main
-from llama_from_scratch.sandbox import Limits, bubblewrap_problem
+from llama_from_scratch.course.batch_grade import Settings, grade_batch, write_reports
+from llama_from_scratch.course.grade import grade_notebook, main
+from llama_from_scratch.course.sandbox import Limits, bubblewrap_problem
 
 SECRET = "lfs-grader-secret-4f1c"
 needs_sandbox = pytest.mark.skipif(bubblewrap_problem() is not None,
@@ -126,7 +126,7 @@ def test_cheats_earn_nothing(tmp_path: Path, isolation: str, attack: str) -> Non
 @pytest.mark.parametrize("isolation", MODES)
 def test_exit_status_of_the_plain_grader_is_the_verdict(tmp_path: Path, isolation: str,
                                                          capsys: pytest.CaptureFixture) -> None:
-    from llama_from_scratch.checks import chapter_checks, chapters
+    from llama_from_scratch.course.checks import chapter_checks, chapters
 
     chapter = chapters()[0]
     name = list(chapter_checks(chapter))[0]
@@ -299,7 +299,7 @@ def test_a_hostile_class_cannot_stall_kill_or_rewrite_the_batch(tmp_path: Path) 
 
 
 def test_answers_travel_as_data_only() -> None:
-    from llama_from_scratch import wire
+    from llama_from_scratch.course import wire
 
     class Sneaky:
         def __eq__(self, other):

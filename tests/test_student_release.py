@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from llama_from_scratch.classroom import RELEASE_SETUP, autograding_config, dumps_config
-from llama_from_scratch.grade import grade_notebook
-from llama_from_scratch.notebook_source import BEGIN_SOLUTION, END_SOLUTION, cell_source, read_notebook
-from llama_from_scratch.release import dumps_notebook, main, make_exercise_notebook, student_release
+from llama_from_scratch.course.classroom import RELEASE_SETUP, autograding_config, dumps_config
+from llama_from_scratch.course.grade import grade_notebook
+from llama_from_scratch.course.notebook_source import BEGIN_SOLUTION, END_SOLUTION, cell_source, read_notebook
+from llama_from_scratch.course.release import dumps_notebook, main, make_exercise_notebook, student_release
 
 REPO = Path(__file__).resolve().parent.parent
 SOLUTIONS = REPO / "solutions"
@@ -130,7 +130,7 @@ def test_requirement_versions_agree_with_pyproject() -> None:
 
     from packaging.requirements import Requirement
 
-    from llama_from_scratch.release import REQUIREMENTS
+    from llama_from_scratch.course.release import REQUIREMENTS
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     declared = {Requirement(r).name: Requirement(r).specifier
@@ -194,15 +194,15 @@ def test_release_requirements_cover_what_grading_imports(tmp_path: Path) -> None
 import ast, importlib, json, sys
 from importlib import metadata
 from pathlib import Path
-from llama_from_scratch.notebook_source import read_notebook, cell_source
+from llama_from_scratch.course.notebook_source import read_notebook, cell_source
 for nb_path in sorted(Path(sys.argv[1]).glob("ch*.ipynb")):
-    importlib.import_module("llama_from_scratch.checks." + nb_path.stem)
+    importlib.import_module("llama_from_scratch.course.checks." + nb_path.stem)
     code = "\n".join(cell_source(c) for c in read_notebook(nb_path)["cells"] if c["cell_type"] == "code")
     code = "\n".join(l for l in code.splitlines() if not l.lstrip().startswith(("%", "!")))
     for node in ast.walk(ast.parse(code)):
         if isinstance(node, (ast.Import, ast.ImportFrom)) and getattr(node, "level", 0) == 0:
             exec(compile(ast.Module([node], []), "<notebook import>", "exec"), {})
-from llama_from_scratch.grade import grade_notebook
+from llama_from_scratch.course.grade import grade_notebook
 results = grade_notebook(sys.argv[2])
 assert all(r.passed for r in results), [(r.exercise, r.reason) for r in results if not r.passed]
 dists = metadata.packages_distributions()

@@ -142,8 +142,8 @@ def test_released_solutions_grade_at_full_marks_in_a_fresh_venv(wheel: Path, tmp
     the grader of that venv on every chapter, from a folder outside the checkout. Every exercise must
     pass: a library the notebooks or their checks import but the requirements miss fails here (it
     did: bitsandbytes for chapter 11, the SmolLM2 weights for chapters 3-6 and 9)."""
-    from llama_from_scratch.release import student_release
-    from llama_from_scratch.sandbox import UNSAFE_WARNING, bubblewrap_problem
+    from llama_from_scratch.course.release import student_release
+    from llama_from_scratch.course.sandbox import UNSAFE_WARNING, bubblewrap_problem
     from llama_from_scratch.weights import SMOLLM2_PIP
 
     release = tmp_path / "release"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama_from_scratch.notebook_source import cell_source, exercises_in, read_notebook  # noqa: E402
+from llama_from_scratch.course.notebook_source import cell_source, exercises_in, read_notebook  # noqa: E402
 
 SHORT = 3  # an answer of at most this many lines is a warm-up
 

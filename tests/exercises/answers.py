@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_from_scratch.grade import load_definitions
+from llama_from_scratch.course.grade import load_definitions
 
 REPO = Path(__file__).resolve().parents[2]
 FAILS = (AssertionError, NotImplementedError)
@@ -38,7 +38,7 @@ def unanswered(*args, **kwargs):
 def fails(check, fn) -> str:
     """``check(fn)`` rejects ``fn`` as the grader would (any exception from the answer is a failure,
     e.g. a KeyError reading torch's state under other names); returns the grader's reason."""
-    from llama_from_scratch.grade import run_check
+    from llama_from_scratch.course.grade import run_check
 
     passed, reason = run_check(check, fn, getattr(fn, "__name__", "answer"), timeout=None)
     assert not passed, "the check accepted a wrong answer"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_from_scratch import checks
+from llama_from_scratch.course import checks
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_from_scratch.notebook_source import cell_source, exercises_in, read_notebook
+from llama_from_scratch.course.notebook_source import cell_source, exercises_in, read_notebook
 
 REPO = Path(__file__).resolve().parents[2]
 SOLUTIONS = sorted((REPO / "solutions").glob("ch*.ipynb"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import regex
 
-from llama_from_scratch.checks.ch01_tokenization import CHECKS
+from llama_from_scratch.course.checks.ch01_tokenization import CHECKS
 
 from answers import FAILS, solution, unanswered
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama_from_scratch.checks.ch02_cross_entropy import CHECKS
+from llama_from_scratch.course.checks.ch02_cross_entropy import CHECKS
 
 from answers import FAILS, solution, unanswered
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_from_scratch.checks.ch03_rmsnorm_swiglu import CHECKS
+from llama_from_scratch.course.checks.ch03_rmsnorm_swiglu import CHECKS
 
 from answers import fails_on, solution, solution_and_stub_tests, stub
 

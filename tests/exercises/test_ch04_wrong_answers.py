@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from llama_from_scratch.checks.ch04_rope import CHECKS
+from llama_from_scratch.course.checks.ch04_rope import CHECKS
 
 from answers import fails_on, solution, solution_and_stub_tests, stub
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from llama_from_scratch.checks.ch05_attention import CHECKS
+from llama_from_scratch.course.checks.ch05_attention import CHECKS
 
 from answers import fails_on, solution, solution_and_stub_tests, stub
 

@@ -14,7 +14,7 @@ import regex
 import torch
 from torch import nn
 
-from llama_from_scratch.checks.ch06_llama_model import CHECKS, reference_answer, reference_prompt
+from llama_from_scratch.course.checks.ch06_llama_model import CHECKS, reference_answer, reference_prompt
 
 from answers import fails_on, solution, solution_and_stub_tests, stub
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama_from_scratch.checks.ch07_decoding import CHECKS
+from llama_from_scratch.course.checks.ch07_decoding import CHECKS
 
 from answers import fails_on, solution, stub_and_solution_test
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_from_scratch.checks.ch08_pretraining import CHECKS
+from llama_from_scratch.course.checks.ch08_pretraining import CHECKS
 
 from answers import fails_on, solution, stub_and_solution_test
 

@@ -11,9 +11,9 @@ import ast
 
 import pytest
 
-from llama_from_scratch.checks.ch11_quantization import CHECKS
-from llama_from_scratch.grade import LocalObject
-from llama_from_scratch.notebook_source import EXERCISE_MARKER, cell_source, read_notebook, replace_solutions
+from llama_from_scratch.course.checks.ch11_quantization import CHECKS
+from llama_from_scratch.course.grade import LocalObject
+from llama_from_scratch.course.notebook_source import EXERCISE_MARKER, cell_source, read_notebook, replace_solutions
 
 from answers import REPO, edited_solution_tests
 

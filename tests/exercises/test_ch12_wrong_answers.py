@@ -14,8 +14,8 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from llama_from_scratch.checks.ch12_reward_modeling import CHECKS, FORBIDDEN
-from llama_from_scratch.grade import LocalObject
+from llama_from_scratch.course.checks.ch12_reward_modeling import CHECKS, FORBIDDEN
+from llama_from_scratch.course.grade import LocalObject
 
 from answers import fails_on, forbidden_rules_test, passes_on, solution, solution_and_stub_tests, stub
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_from_scratch.checks import ch13_rlhf_ppo_dpo as ch13
-from llama_from_scratch.checks.ch13_rlhf_ppo_dpo import CHECKS, FORBIDDEN
-from llama_from_scratch.grade import LocalObject
+from llama_from_scratch.course.checks import ch13_rlhf_ppo_dpo as ch13
+from llama_from_scratch.course.checks.ch13_rlhf_ppo_dpo import CHECKS, FORBIDDEN
+from llama_from_scratch.course.grade import LocalObject
 
 from answers import fails_on, forbidden_rules_test, passes_on, solution, solution_and_stub_tests, stub
 
@@ -331,8 +331,8 @@ def test_ppo_step_variant_without_position_ids_passes():
 
 
 def test_log_softmax_is_refused_by_the_rules():
-    from llama_from_scratch.answer_rules import first_violation
-    from llama_from_scratch.sandbox_worker import definitions_of
+    from llama_from_scratch.course.answer_rules import first_violation
+    from llama_from_scratch.course.sandbox_worker import definitions_of
 
     source = ("import torch\nimport torch.nn.functional as F\n"
               "def token_logprobs(logits, input_ids, completion_mask, temperature=1.0):\n"

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from llama_from_scratch.grade import ExerciseResult, grade_notebook
+from llama_from_scratch.course.grade import ExerciseResult, grade_notebook
 
 
 @lru_cache(maxsize=None)

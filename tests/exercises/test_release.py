@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from llama_from_scratch import checks
-from llama_from_scratch.grade import grade_notebook
-from llama_from_scratch.notebook_source import exercises_in, read_notebook, replace_solutions
-from llama_from_scratch.release import make_exercise_notebook, stale_exercises
+from llama_from_scratch.course import checks
+from llama_from_scratch.course.grade import grade_notebook
+from llama_from_scratch.course.notebook_source import exercises_in, read_notebook, replace_solutions
+from llama_from_scratch.course.release import make_exercise_notebook, stale_exercises
 
 REPO = Path(__file__).resolve().parents[2]
 SOLUTIONS = sorted((REPO / "solutions").glob("ch*.ipynb"))

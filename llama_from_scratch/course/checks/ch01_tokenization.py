@@ -22,7 +22,7 @@ import codecs
 import functools
 from typing import Any, Callable
 
-from llama_from_scratch.checks.common import assert_equal, fresh_rng
+from llama_from_scratch.course.checks.common import assert_equal, fresh_rng
 
 FORBIDDEN_EVERYWHERE = ["tiktoken", "tokenizers", "transformers", "sentencepiece"]
 FORBIDDEN = {

@@ -1,6 +1,6 @@
 """The student's side of grading: load a notebook's definitions and answer the grader's calls.
 
-    python -I sandbox_worker.py REQUEST_FD REPLY_FD      (started by ``llama_from_scratch.sandbox``)
+    python -I sandbox_worker.py REQUEST_FD REPLY_FD      (started by ``llama_from_scratch.course.sandbox``)
 
 This process is untrusted: it runs the student's code, inside a sandbox when one is available. It
 never sees a check, an expected value or a verdict. The grader sends requests (load the notebook,

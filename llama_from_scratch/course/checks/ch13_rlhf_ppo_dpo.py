@@ -31,8 +31,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from llama_from_scratch.checks.ch12_reward_modeling import _random_weights, _student, _tiny_config, _tokens
-from llama_from_scratch.checks.common import (Construct, as_scalar_loss, as_tensor, assert_close, assert_equal,
+from llama_from_scratch.course.checks.ch12_reward_modeling import _random_weights, _student, _tiny_config, _tokens
+from llama_from_scratch.course.checks.common import (Construct, as_scalar_loss, as_tensor, assert_close, assert_equal,
                                               fresh_generator, fresh_rng, seqcls, value_and_grad)
 
 _LOGSOFTMAX = ["torch.nn.functional.log_softmax", "torch.log_softmax", "torch.Tensor.log_softmax",

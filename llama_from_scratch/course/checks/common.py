@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from llama_from_scratch.wire import Callback, Construct  # noqa: F401 - re-exported for checks
+from llama_from_scratch.course.wire import Callback, Construct  # noqa: F401 - re-exported for checks
 
 
 def fresh_generator() -> torch.Generator:
@@ -133,7 +133,7 @@ def value_and_grad(fn: Callable, *args: Any, grad_output: torch.Tensor | None = 
 
 def local_value_and_grad(fn: Callable, args: tuple, kwargs: dict, grad_output: torch.Tensor | None):
     """``value_and_grad`` in this process: the same code the student's process runs for the grader."""
-    from llama_from_scratch.sandbox_worker import value_and_grad as run
+    from llama_from_scratch.course.sandbox_worker import value_and_grad as run
 
     try:
         return run(fn, tuple(args), kwargs, grad_output)

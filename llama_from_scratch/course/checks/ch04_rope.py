@@ -18,8 +18,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from llama_from_scratch.checks.ch03_rmsnorm_swiglu import smollm2_tensor
-from llama_from_scratch.checks.common import (as_tensor, assert_close, assert_equal, call_answer, fresh_generator,
+from llama_from_scratch.course.checks.ch03_rmsnorm_swiglu import smollm2_tensor
+from llama_from_scratch.course.checks.common import (as_tensor, assert_close, assert_equal, call_answer, fresh_generator,
                                               fresh_rng)
 
 FORBIDDEN = {

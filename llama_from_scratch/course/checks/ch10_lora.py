@@ -33,7 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from llama_from_scratch.checks.common import (
+from llama_from_scratch.course.checks.common import (
     Construct,
     assert_close,
     assert_equal,

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from llama_from_scratch.checks.common import assert_close, assert_equal, fresh_generator, fresh_rng
+from llama_from_scratch.course.checks.common import assert_close, assert_equal, fresh_generator, fresh_rng
 
 QUANT_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
 FLOAT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}

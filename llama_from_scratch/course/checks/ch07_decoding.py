@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from llama_from_scratch.checks.common import (
+from llama_from_scratch.course.checks.common import (
     Callback,
     Construct,
     assert_close,

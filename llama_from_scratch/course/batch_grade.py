@@ -5,7 +5,7 @@
 ``submissions/`` holds one folder per student (the folder name is the student's name) with any
 subset of the chapters' notebooks, named like the exercise notebooks (``ch01_tokenization.ipynb``;
 ``ch01_tokenization (1).ipynb`` or ``ch01-copy.ipynb`` are matched by their ``chNN`` prefix).
-Every notebook's code runs in its own sandboxed process (see ``llama_from_scratch.sandbox``) with a
+Every notebook's code runs in its own sandboxed process (see ``llama_from_scratch.course.sandbox``) with a
 time limit per exercise, a memory limit and capped output, while the checks and verdicts stay in
 this process, so a notebook that hangs, crashes the interpreter, floods its output or tries to
 cheat fails its own exercises and nothing else. Only regular files are read (a symlink, FIFO or
@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from llama_from_scratch.notebook_source import exercises_in, parse_notebook, read_notebook
-from llama_from_scratch.sandbox import Limits
+from llama_from_scratch.course.notebook_source import exercises_in, parse_notebook, read_notebook
+from llama_from_scratch.course.sandbox import Limits
 
 FIELDS = ["student", "chapter", "exercise", "passed", "reason", "points", "max_points", "seconds"]
 _CHAPTER_NUMBER = re.compile(r"^ch(\d+)", re.IGNORECASE)
@@ -47,7 +47,7 @@ _CHAPTER_NUMBER = re.compile(r"^ch(\d+)", re.IGNORECASE)
 class Settings:
     """Where the checks, points and forbidden places are."""
 
-    checks_package: str = "llama_from_scratch.checks"
+    checks_package: str = "llama_from_scratch.course.checks"
     python_path: list[str] = field(default_factory=list)  # where the checks package lives, if not installed
     solutions: Path | None = None
     limits: Limits = field(default_factory=Limits)
@@ -131,7 +131,7 @@ def solution_points(chapter: str, settings: Settings) -> dict[str, int] | None:
 
 def default_solutions_dir() -> Path | None:
     """``./solutions`` if present, else the ``solutions`` folder next to the package (a checkout)."""
-    for candidate in (Path("solutions"), Path(__file__).resolve().parent.parent / "solutions"):
+    for candidate in (Path("solutions"), Path(__file__).resolve().parents[2] / "solutions"):
         if candidate.is_dir():
             return candidate.resolve()
     return None
@@ -213,7 +213,7 @@ def grade_submission(sub: Submission, exercises: list[str], points: dict[str, in
                      settings: Settings, budget: list[int] | None = None) -> tuple[list[Row], NotebookLog]:
     """Grade one notebook: its code in a sandboxed process, the checks here. ``budget``: bytes the
     student may still submit (shared by their notebooks)."""
-    from llama_from_scratch.grade import grade_notebook
+    from llama_from_scratch.course.grade import grade_notebook
 
     log = NotebookLog(sub.student, sub.chapter, str(sub.path))
     undo = _with_path(settings.python_path)
@@ -442,7 +442,7 @@ def grade_batch(root: Path, settings: Settings | None = None, jobs: int | None =
     for log in logs:
         log.notebook = os.path.relpath(log.notebook, root)
     lim = settings.limits
-    from llama_from_scratch.sandbox import isolation_mode
+    from llama_from_scratch.course.sandbox import isolation_mode
 
     info = {"submissions": str(root), "jobs": jobs, "checks_package": settings.checks_package,
             "solutions": str(settings.solutions) if settings.solutions else None,
@@ -466,7 +466,7 @@ def add_arguments(parser: Any) -> None:
     g.add_argument("--startup-timeout", type=float, default=Limits.startup_timeout,
                    help="seconds to start a grading process")
     g.add_argument("--output-kb", type=int, default=Limits.output_kb, help="output kept per process (KB)")
-    g.add_argument("--checks-package", default="llama_from_scratch.checks",
+    g.add_argument("--checks-package", default="llama_from_scratch.course.checks",
                    help="package holding the chNN_<topic> check modules (e.g. private instructor checks)")
     g.add_argument("--checks-path", action="append", default=[], metavar="DIR",
                    help="folder to import the checks package from (if not installed)")
@@ -485,7 +485,7 @@ def run_batch_cli(args: Any) -> int:
                         limits=Limits(timeout=args.timeout, startup_timeout=args.startup_timeout,
                                       memory_mb=args.memory_mb, output_kb=args.output_kb),
                         isolation=args.isolation, max_student_mb=args.max_student_mb)
-    from llama_from_scratch.sandbox import UNSAFE_WARNING, isolation_mode
+    from llama_from_scratch.course.sandbox import UNSAFE_WARNING, isolation_mode
 
     try:
         if isolation_mode(args.isolation) == "unsafe":

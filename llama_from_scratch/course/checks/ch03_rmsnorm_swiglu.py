@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from llama_from_scratch.checks.common import (
+from llama_from_scratch.course.checks.common import (
     as_tensor,
     assert_close,
     assert_equal,

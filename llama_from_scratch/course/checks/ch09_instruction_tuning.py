@@ -27,8 +27,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from llama_from_scratch.checks.ch07_decoding import call, construct_llama, one_thread, tiny_llama
-from llama_from_scratch.checks.common import Callback, as_tensor, assert_close, assert_equal, fresh_generator, fresh_rng
+from llama_from_scratch.course.checks.ch07_decoding import call, construct_llama, one_thread, tiny_llama
+from llama_from_scratch.course.checks.common import Callback, as_tensor, assert_close, assert_equal, fresh_generator, fresh_rng
 
 IGNORE = -100
 SYSTEM_PROMPTS = ["You are a concise assistant.", "Answer in one sentence.", "You are a helpful tutor. Be brief.",

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from llama_from_scratch.checks.common import (Construct, as_scalar_loss, as_tensor, assert_close, fresh_generator,
+from llama_from_scratch.course.checks.common import (Construct, as_scalar_loss, as_tensor, assert_close, fresh_generator,
                                               fresh_rng, seqcls, value_and_grad)
 
 FORBIDDEN = {
@@ -78,7 +78,7 @@ class _Prebuilt:
 
 def _student(fn: Any) -> Any:
     """The student's function or class as the checks call it (see ``_Prebuilt``)."""
-    from llama_from_scratch.sandbox import RemoteObject
+    from llama_from_scratch.course.sandbox import RemoteObject
 
     return fn if isinstance(fn, RemoteObject) else _Prebuilt(fn)
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from llama_from_scratch.checks.common import (as_tensor, assert_close, assert_equal, fresh_generator,
+from llama_from_scratch.course.checks.common import (as_tensor, assert_close, assert_equal, fresh_generator,
                                               value_and_grad)
 
 _SOFTMAX_FAMILY = [

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from llama_from_scratch import wire
+from llama_from_scratch.course import wire
 
 WORKER_FILES = ("sandbox_worker.py", "wire.py")
 UNSAFE_WARNING = ("warning: bubblewrap (bwrap) is not available here, so graded code runs in a plain "
@@ -216,7 +216,7 @@ def _readable_roots() -> list[str]:
 def _hidden_paths(roots: list[str]) -> list[str]:
     """The package's own folder when it is installed inside a readable root (a wheel install):
     hidden from graded code, which must not use it."""
-    package_dir = os.path.dirname(os.path.realpath(__file__))
+    package_dir = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # llama_from_scratch/, above course/
     hidden = [package_dir]
     return [p for p in hidden if any(p.startswith(r.rstrip("/") + "/") for r in roots)]
 

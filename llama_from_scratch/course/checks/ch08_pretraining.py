@@ -28,8 +28,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from llama_from_scratch.checks.ch07_decoding import call, construct_llama, one_thread, tiny_llama
-from llama_from_scratch.checks.common import as_tensor, assert_close, assert_equal, fresh_generator, fresh_rng
+from llama_from_scratch.course.checks.ch07_decoding import call, construct_llama, one_thread, tiny_llama
+from llama_from_scratch.course.checks.common import as_tensor, assert_close, assert_equal, fresh_generator, fresh_rng
 
 WARMUP_TYPES = ("linear", "cosine", "1-sqrt")
 DECAY_TYPES = ("linear", "cosine", "1-sqrt")

@@ -17,9 +17,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from llama_from_scratch.checks.ch03_rmsnorm_swiglu import smollm2_tensor
-from llama_from_scratch.checks.ch04_rope import _hf_from_gguf, _quiet_transformers
-from llama_from_scratch.checks.common import (as_tensor, assert_close, assert_equal, call_answer, fresh_generator,
+from llama_from_scratch.course.checks.ch03_rmsnorm_swiglu import smollm2_tensor
+from llama_from_scratch.course.checks.ch04_rope import _hf_from_gguf, _quiet_transformers
+from llama_from_scratch.course.checks.common import (as_tensor, assert_close, assert_equal, call_answer, fresh_generator,
                                               fresh_rng, load_state)
 
 _ATTENTION = ["torch.nn.functional.scaled_dot_product_attention", "torch.nn.MultiheadAttention",

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama_from_scratch.checks.common import (
+from llama_from_scratch.course.checks.common import (
     Construct,
     as_tensor,
     assert_close,
