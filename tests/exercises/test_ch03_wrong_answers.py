@@ -42,14 +42,14 @@ def silu_grad_is_silu(x):
 @pytest.mark.parametrize("wrong", [silu_grad_sigmoid_only, silu_grad_no_one_minus, silu_grad_exp_formula,
                                    silu_grad_is_silu])
 def test_silu_grad_wrong(wrong):
-    fails("silu_grad", wrong)
+    assert fails("silu_grad", wrong)
 
 
 def test_silu_grad_other_form_passes():
     def silu_grad(x):                     # s + silu(x) * (1 - s), in float64
         s = torch.sigmoid(x.double())
         return (s + x.double() * s * (1 - s)).to(x.dtype)
-    CHECKS["silu_grad"](silu_grad)
+    assert CHECKS["silu_grad"](silu_grad) is None
 
 
 # ----- rms_norm_backward --------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def rms_backward_default_eps(x, weight, grad_output, eps=1e-5):     # right form
 @pytest.mark.parametrize("wrong", [rms_backward_constant_r, rms_backward_weight_first_dim, rms_backward_eps_outside,
                                    rms_backward_sum_not_mean, rms_backward_sign, rms_backward_default_eps])
 def test_rms_norm_backward_wrong(wrong):
-    fails("rms_norm_backward", wrong)
+    assert fails("rms_norm_backward", wrong)
 
 
 def test_rms_norm_backward_other_form_passes():
@@ -108,7 +108,7 @@ def test_rms_norm_backward_other_form_passes():
         grad_x = r * u - h * r.pow(3) * (u * h).mean(-1, keepdim=True)
         grad_w = torch.einsum("...d,...d->d", g, h * r)
         return grad_x.to(x.dtype), grad_w.to(weight.dtype)
-    CHECKS["rms_norm_backward"](rms_norm_backward)
+    assert CHECKS["rms_norm_backward"](rms_norm_backward) is None
 
 
 # ----- RMSNorm ------------------------------------------------------------------------------------
@@ -163,7 +163,7 @@ def forward_gain_before_cast(x, weight, eps):
     make_rmsnorm(forward_right, default_eps=1e-5),                    # wrong default eps
 ])
 def test_rmsnorm_wrong(wrong):
-    fails("RMSNorm", wrong)
+    assert fails("RMSNorm", wrong)
 
 
 def test_rmsnorm_other_form_passes():
@@ -193,7 +193,7 @@ def test_rmsnorm_other_form_passes():
         def forward(self, x):
             return Fn.apply(x, self.weight, self.eps)
 
-    CHECKS["RMSNorm"](RMSNorm)
+    assert CHECKS["RMSNorm"](RMSNorm) is None
 
 
 # ----- swiglu_backward ----------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def swiglu_backward_swapped_branches(x, w_gate, w_up, w_down, grad_output):  # s
                                    swiglu_backward_transposed, swiglu_backward_first_sequence,
                                    swiglu_backward_swapped_branches])
 def test_swiglu_backward_wrong(wrong):
-    fails("swiglu_backward", wrong)
+    assert fails("swiglu_backward", wrong)
 
 
 def test_swiglu_backward_other_form_passes():
@@ -256,7 +256,7 @@ def test_swiglu_backward_other_form_passes():
         grads = (grad_a @ wg + grad_b @ wu, torch.einsum("...h,...d->hd", grad_a, xd),
                  torch.einsum("...h,...d->hd", grad_b, xd), torch.einsum("...d,...h->dh", gd, act * b))
         return tuple(t.to(x.dtype) for t in grads)
-    CHECKS["swiglu_backward"](swiglu_backward)
+    assert CHECKS["swiglu_backward"](swiglu_backward) is None
 
 
 # ----- SwiGLU -------------------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def swapped_order_backward(x, wg, wu, wd, grad_output):          # gradients of 
                                                           * F.linear(x.float(), wu.float()), wd.float())),
 ])
 def test_swiglu_wrong(wrong):
-    fails("SwiGLU", wrong)
+    assert fails("SwiGLU", wrong)
 
 
 def test_swiglu_other_form_passes():
@@ -327,4 +327,4 @@ def test_swiglu_other_form_passes():
         def forward(self, x):
             return Fn.apply(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
-    CHECKS["SwiGLU"](SwiGLU)
+    assert CHECKS["SwiGLU"](SwiGLU) is None

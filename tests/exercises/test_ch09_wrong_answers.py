@@ -235,4 +235,4 @@ def test_sft_train_wrong(options):
 
 
 def test_sft_train_with_transformers_loss_passes():
-    CHECKS["sft_train"](lambda *a: _sft(*a, hf_loss=True))
+    assert CHECKS["sft_train"](lambda *a: _sft(*a, hf_loss=True)) is None
