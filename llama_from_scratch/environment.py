@@ -1,4 +1,4 @@
-"""Where the code runs: quick mode, device choice, reproducible seeds.
+"""Where the code runs: quick mode, device choice, the CPU's name, reproducible seeds.
 
 Every chapter notebook reads the same switch, ``LFS_QUICK``. CI sets ``LFS_QUICK=1`` so that
 training runs shrink to a minute; a reader who leaves it unset gets the full-size runs.
@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -64,6 +67,41 @@ def supports_bf16(device: torch.device | str) -> bool:
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
+def _read_cpuinfo() -> str | None:
+    """The text of Linux's ``/proc/cpuinfo``; None where there is no such file (macOS, Windows)."""
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="ignore")
+    except OSError:
+        return None
+
+
+def cpu_name() -> str:
+    """The CPU's model name, to say which processor a timing was measured on. Never raises.
+
+    Linux: the ``model name`` line of ``/proc/cpuinfo``. macOS: ``sysctl -n
+    machdep.cpu.brand_string``. Elsewhere (or when those say nothing): ``platform.processor()``,
+    then ``platform.machine()``, then ``"unknown CPU"``.
+    """
+    text = _read_cpuinfo()
+    if text:
+        for line in text.splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == "model name" and value.strip():
+                return value.strip()
+    if sys.platform == "darwin":
+        try:
+            done = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"],
+                                  capture_output=True, text=True, timeout=5, check=False)
+            if done.returncode == 0 and done.stdout.strip():
+                return done.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        return platform.processor() or platform.machine() or "unknown CPU"
+    except Exception:  # platform.processor() shells out on some systems
+        return "unknown CPU"
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_is_fast() -> bool:
     """True when this CPU multiplies bfloat16 matrices faster than float32 ones.
@@ -72,12 +110,9 @@ def cpu_bf16_is_fast() -> bool:
     is there, yes. Elsewhere (or without them) a small probe decides: the best of five 256 x 256
     matmuls in each precision. Measured once per process.
     """
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="ignore").split()
-        if any(flag in flags for flag in _BF16_CPU_FLAGS):
-            return True
-    except OSError:
-        pass
+    flags = (_read_cpuinfo() or "").split()
+    if any(flag in flags for flag in _BF16_CPU_FLAGS):
+        return True
     timings = {}
     for dtype in (torch.float32, torch.bfloat16):
         a = torch.randn(256, 256).to(dtype)
