@@ -1,0 +1,43 @@
+"""Scaling out (chapter 15): training one model on several processes, built from scratch.
+
+One concept per module, each equal to the single-process result (tests with 2 gloo processes):
+
+* :mod:`~llama_from_scratch.parallel.distributed`: starting and stopping a process group, running a
+  function on ``N`` local processes, and the three collectives everything else is made of
+  (all-reduce, all-gather, reduce-scatter).
+* :mod:`~llama_from_scratch.parallel.data_parallel`: data parallelism. Every rank holds the whole
+  model and a slice of the batch; gradients are averaged over the ranks after backward, first by
+  hand, then in buckets overlapped with backward (what ``DistributedDataParallel`` does).
+* :mod:`~llama_from_scratch.parallel.zero`: ZeRO stages 1, 2 and 3 (Rajbhandari et al. 2020):
+  the optimizer state, then the gradients, then the parameters themselves are split across the
+  ranks instead of repeated on each, and the per-rank memory this saves.
+* :mod:`~llama_from_scratch.parallel.tensor_parallel`: tensor parallelism (Megatron-LM, Shoeybi
+  et al. 2019): each weight matrix split across the ranks, column-parallel then row-parallel, so
+  that a SwiGLU block or an attention layer needs one all-reduce forward and one backward.
+
+Everything runs on CPUs with the gloo backend and on GPUs with NCCL unchanged: no code here names a
+device; tensors live where :func:`~llama_from_scratch.parallel.distributed.device_for_rank` says.
+"""
+
+from llama_from_scratch.parallel.data_parallel import (
+    BucketedDataParallel,
+    all_reduce_gradients,
+    broadcast_parameters,
+)
+from llama_from_scratch.parallel.distributed import (
+    all_gather_flat,
+    device_for_rank,
+    init_distributed,
+    reduce_scatter_flat,
+    run_on_processes,
+)
+__all__ = [
+    "BucketedDataParallel",
+    "all_gather_flat",
+    "all_reduce_gradients",
+    "broadcast_parameters",
+    "device_for_rank",
+    "init_distributed",
+    "reduce_scatter_flat",
+    "run_on_processes",
+]
