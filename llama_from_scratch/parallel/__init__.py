@@ -31,8 +31,16 @@ from llama_from_scratch.parallel.distributed import (
     reduce_scatter_flat,
     run_on_processes,
 )
+from llama_from_scratch.parallel.zero import (
+    ZeroAdamW,
+    shard_range,
+    state_bytes_per_rank,
+    zero_bytes_formula,
+)
+
 __all__ = [
     "BucketedDataParallel",
+    "ZeroAdamW",
     "all_gather_flat",
     "all_reduce_gradients",
     "broadcast_parameters",
@@ -40,4 +48,7 @@ __all__ = [
     "init_distributed",
     "reduce_scatter_flat",
     "run_on_processes",
+    "shard_range",
+    "state_bytes_per_rank",
+    "zero_bytes_formula",
 ]
