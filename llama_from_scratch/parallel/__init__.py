@@ -31,6 +31,13 @@ from llama_from_scratch.parallel.distributed import (
     reduce_scatter_flat,
     run_on_processes,
 )
+from llama_from_scratch.parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    copy_to_tensor_parallel_region,
+    reduce_from_tensor_parallel_region,
+    tensor_parallel_llama,
+)
 from llama_from_scratch.parallel.zero import (
     ZeroAdamW,
     shard_range,
@@ -40,15 +47,20 @@ from llama_from_scratch.parallel.zero import (
 
 __all__ = [
     "BucketedDataParallel",
+    "ColumnParallelLinear",
+    "RowParallelLinear",
     "ZeroAdamW",
     "all_gather_flat",
     "all_reduce_gradients",
     "broadcast_parameters",
+    "copy_to_tensor_parallel_region",
     "device_for_rank",
     "init_distributed",
+    "reduce_from_tensor_parallel_region",
     "reduce_scatter_flat",
     "run_on_processes",
     "shard_range",
     "state_bytes_per_rank",
+    "tensor_parallel_llama",
     "zero_bytes_formula",
 ]
