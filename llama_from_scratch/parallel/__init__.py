@@ -14,6 +14,8 @@ One concept per module, each equal to the single-process result (tests with 2 gl
 * :mod:`~llama_from_scratch.parallel.tensor_parallel`: tensor parallelism (Megatron-LM, Shoeybi
   et al. 2019): each weight matrix split across the ranks, column-parallel then row-parallel, so
   that a SwiGLU block or an attention layer needs one all-reduce forward and one backward.
+* :mod:`~llama_from_scratch.parallel.torch_native`: the same with PyTorch's own APIs (FSDP2's
+  ``fully_shard``, ``torch.distributed.tensor.parallel``), tested equal to the versions above.
 
 Everything runs on CPUs with the gloo backend and on GPUs with NCCL unchanged: no code here names a
 device; tensors live where :func:`~llama_from_scratch.parallel.distributed.device_for_rank` says.
@@ -38,6 +40,7 @@ from llama_from_scratch.parallel.tensor_parallel import (
     reduce_from_tensor_parallel_region,
     tensor_parallel_llama,
 )
+from llama_from_scratch.parallel.torch_native import dtensor_tensor_parallel_llama, fsdp2_llama
 from llama_from_scratch.parallel.zero import (
     ZeroAdamW,
     shard_range,
@@ -55,6 +58,8 @@ __all__ = [
     "broadcast_parameters",
     "copy_to_tensor_parallel_region",
     "device_for_rank",
+    "dtensor_tensor_parallel_llama",
+    "fsdp2_llama",
     "init_distributed",
     "reduce_from_tensor_parallel_region",
     "reduce_scatter_flat",

@@ -86,11 +86,13 @@ def zero_bytes_formula(num_params: int, world_size: int, stage: int,
 
 def _storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind ``tensors`` (a view and its base count once; a freed
-    storage counts 0)."""
+    storage counts 0; a ``DTensor``, as FSDP2 makes them, counts this rank's local piece)."""
     seen: dict[int, int] = {}
     for t in tensors:
         if t is None:
             continue
+        if callable(getattr(t, "to_local", None)):
+            t = t.to_local()
         storage = t.untyped_storage()
         if storage.nbytes() > 0:
             seen[storage.data_ptr()] = storage.nbytes()
@@ -102,7 +104,8 @@ def state_bytes_per_rank(model: nn.Module, optimizer: torch.optim.Optimizer,
     """What this rank holds, measured: bytes of the distinct storages of the model's parameters
     (and of ``zero``'s parameter shards), of their gradients, and of the optimizer's moment
     tensors (its step counters left out). Works for a plain model with any torch optimizer (the
-    data-parallel baseline) and for a :class:`ZeroAdamW` (pass it as ``optimizer`` and ``zero``).
+    data-parallel baseline), for a :class:`ZeroAdamW` (pass it as ``optimizer`` and ``zero``) and
+    for an FSDP2 model (its ``DTensor`` parameters count their local shards).
 
     Call it between ``backward()`` and ``zero_grad()``, when the gradients exist.
     """
