@@ -14,6 +14,8 @@ One concept per module, each equal to the single-process result (tests with 2 gl
 * :mod:`~llama_from_scratch.parallel.tensor_parallel`: tensor parallelism (Megatron-LM, Shoeybi
   et al. 2019): each weight matrix split across the ranks, column-parallel then row-parallel, so
   that a SwiGLU block or an attention layer needs one all-reduce forward and one backward.
+* :mod:`~llama_from_scratch.parallel.checkpointing`: activation checkpointing, keeping only each
+  block's input for backward and recomputing the rest, and the activation memory it saves.
 * :mod:`~llama_from_scratch.parallel.torch_native`: the same with PyTorch's own APIs (FSDP2's
   ``fully_shard``, ``torch.distributed.tensor.parallel``), tested equal to the versions above.
 
@@ -21,6 +23,7 @@ Everything runs on CPUs with the gloo backend and on GPUs with NCCL unchanged: n
 device; tensors live where :func:`~llama_from_scratch.parallel.distributed.device_for_rank` says.
 """
 
+from llama_from_scratch.parallel.checkpointing import checkpoint, checkpoint_blocks, saved_activation_bytes
 from llama_from_scratch.parallel.data_parallel import (
     BucketedDataParallel,
     all_reduce_gradients,
@@ -56,6 +59,8 @@ __all__ = [
     "all_gather_flat",
     "all_reduce_gradients",
     "broadcast_parameters",
+    "checkpoint",
+    "checkpoint_blocks",
     "copy_to_tensor_parallel_region",
     "device_for_rank",
     "dtensor_tensor_parallel_llama",
@@ -64,6 +69,7 @@ __all__ = [
     "reduce_from_tensor_parallel_region",
     "reduce_scatter_flat",
     "run_on_processes",
+    "saved_activation_bytes",
     "shard_range",
     "state_bytes_per_rank",
     "tensor_parallel_llama",
