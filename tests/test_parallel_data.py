@@ -51,7 +51,7 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def optimizer_for(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
 
 
 def train_one_process() -> dict[str, torch.Tensor]:
@@ -148,7 +148,7 @@ def test_data_parallel_equals_ddp_and_one_process_with_the_global_batch(ranks_re
                 torch.testing.assert_close(weights[key], out[rank]["torch_ddp"][key], **TOL)
     # the weights did move (a test of nothing would pass too if training were skipped)
     moved = max((reference[k] - start[k]).abs().max().item() for k in reference)
-    assert moved > 1e-2
+    assert moved > 1e-3
     # several buckets, every one of them launched inside backward, before finish_gradient_sync
     n_buckets = out[0]["n_buckets"]
     assert n_buckets > 3

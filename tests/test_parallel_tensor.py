@@ -84,7 +84,7 @@ def tensor_parallel_worker(rank: int, world_size: int) -> dict[str, object]:
 
     # Two AdamW steps: each rank keeps its block of the unsplit model's weights.
     model, tp = tiny_model(), tensor_parallel_llama(tiny_model())
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1) for m in (model, tp)]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1) for m in (model, tp)]
     for _ in range(2):
         for m, opt in zip((model, tp), opts):
             m(inputs, targets=targets).backward()
@@ -134,7 +134,7 @@ def test_tensor_parallel_training_keeps_each_rank_block_of_the_unsplit_weights(r
             torch.testing.assert_close(weight, expected, **TOL, msg=f"rank {rank} {name}")
         moved = max((w - block_of(n, start[n].detach(), rank, WORLD)).abs().max().item()
                     for n, (w, _) in res["weights"].items())
-        assert moved > 1e-2
+        assert moved > 1e-3
 
 
 def test_heads_must_divide_the_tensor_parallel_size():

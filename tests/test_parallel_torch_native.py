@@ -24,7 +24,7 @@ WORLD = 2
 STEPS = 3
 GLOBAL_BATCH, SEQ = 4, 16
 TOL = dict(rtol=1e-5, atol=1e-6)
-ADAMW = dict(lr=1e-2, weight_decay=0.1)
+ADAMW = dict(lr=1e-3, weight_decay=0.1)
 
 
 def tiny_model() -> Llama:

@@ -30,7 +30,7 @@ WORLD = 2
 STEPS = 3
 GLOBAL_BATCH, SEQ = 4, 16
 TOL = dict(rtol=1e-5, atol=1e-6)
-ADAMW = dict(lr=1e-2, weight_decay=0.1)
+ADAMW = dict(lr=1e-3, weight_decay=0.1)
 
 
 def tiny_config() -> LlamaConfig:
@@ -117,7 +117,7 @@ def test_zero_equals_one_process_with_the_global_batch(ranks_results, stage):
         with torch.no_grad():
             torch.testing.assert_close(ranks_results[rank][f"logits_{stage}"], reference(batches()[0][0]), **TOL)
     moved = max((p - q).abs().max().item() for p, q in zip(reference.parameters(), start.parameters()))
-    assert moved > 1e-2
+    assert moved > 1e-3
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])

@@ -14,6 +14,8 @@ One concept per module, each equal to the single-process result (tests with 2 gl
 * :mod:`~llama_from_scratch.parallel.tensor_parallel`: tensor parallelism (Megatron-LM, Shoeybi
   et al. 2019): each weight matrix split across the ranks, column-parallel then row-parallel, so
   that a SwiGLU block or an attention layer needs one all-reduce forward and one backward.
+* :mod:`~llama_from_scratch.parallel.pipeline`: a two-stage pipeline (GPipe): each rank whole
+  layers, micro-batches to fill the pipeline, and the idle "bubble" that remains.
 * :mod:`~llama_from_scratch.parallel.checkpointing`: activation checkpointing, keeping only each
   block's input for backward and recomputing the rest, and the activation memory it saves.
 * :mod:`~llama_from_scratch.parallel.torch_native`: the same with PyTorch's own APIs (FSDP2's
@@ -36,6 +38,7 @@ from llama_from_scratch.parallel.distributed import (
     reduce_scatter_flat,
     run_on_processes,
 )
+from llama_from_scratch.parallel.pipeline import PipelineStage, gpipe_bubble_fraction, gpipe_step
 from llama_from_scratch.parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -54,6 +57,7 @@ from llama_from_scratch.parallel.zero import (
 __all__ = [
     "BucketedDataParallel",
     "ColumnParallelLinear",
+    "PipelineStage",
     "RowParallelLinear",
     "ZeroAdamW",
     "all_gather_flat",
@@ -65,6 +69,8 @@ __all__ = [
     "device_for_rank",
     "dtensor_tensor_parallel_llama",
     "fsdp2_llama",
+    "gpipe_bubble_fraction",
+    "gpipe_step",
     "init_distributed",
     "reduce_from_tensor_parallel_region",
     "reduce_scatter_flat",
