@@ -14,10 +14,12 @@ loop of four steps, each one reproduced here:
    output; for classification tasks it writes the *output (class label) first* and then an input
    of that class, which stops it from producing inputs that all belong to one label
    (:func:`instance_prompt`, :func:`parse_instance`).
-4. **Filtering.** A new instruction is kept only if its ROUGE-L similarity to every instruction
-   already in the pool is below 0.7, it has 3 to 150 words, it does not ask for things a text
-   model cannot do (images, graphs, files, ...), and it does not start with punctuation or a
-   non-ASCII character (:func:`filter_instruction`); instances with an empty output are dropped.
+4. **Filtering.** A new instruction is kept only if it passes the post-processing rules of the
+   two reference implementations (:func:`filter_instruction`; which rule comes from where is listed
+   there): more than 3 and at most 150 words, none of :data:`BLACKLIST`'s words (things a text
+   model cannot see or make), not starting "Write a program", not starting with ASCII punctuation
+   or a non-ASCII character, and ROUGE-L at most 0.7 with every instruction already in the pool.
+   Instances with an empty output are dropped.
 
 :func:`self_instruct` runs rounds of this loop with any text generator: a callable (or an object
 with a ``generate`` method) that maps a prompt string to the continuation string. Tests use a
@@ -25,17 +27,21 @@ fake deterministic generator; :func:`smollm2_generator` wraps a real model
 (:func:`~llama_from_scratch.generation.generate` and its tokenizer), by default SmolLM2-135M.
 
 ROUGE-L (Lin, 2004) is written here from scratch: the longest common subsequence (LCS) of two
-token sequences gives ``precision = LCS / len(candidate)``, ``recall = LCS / len(reference)`` and
-``F = 2 P R / (P + R) = 2 LCS / (len(a) + len(b))``, symmetric in its two arguments. Tokens are
-the lowercased whitespace-separated words (the ``rouge-score`` package additionally replaces
-every non-alphanumeric character by a space; on text made of lowercase letters, digits and
-spaces the two agree exactly, which the tests check).
+token sequences gives ``precision = LCS / len(prediction)``, ``recall = LCS / len(target)`` and
+``F = 2 P R / (P + R)``, symmetric in its two arguments. Tokens are those of Google's
+``rouge-score`` package (``rouge_score/tokenize.py``, no stemmer), which both Self-Instruct and
+Alpaca call: the text is lowercased, every run of characters other than ``a-z`` and ``0-9`` becomes a
+space (so punctuation separates words and non-ASCII letters are dropped), and the empty pieces
+are discarded (:func:`rouge_tokens`). F is computed with that package's formula and order of
+operations, so the scores are the same floating-point numbers; the tests compare them with the
+package on random and edge-case strings.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import string
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -44,6 +50,7 @@ __all__ = [
     "lcs_length",
     "rouge_l",
     "rouge_l_tokens",
+    "rouge_tokens",
     "max_rouge_l",
     "BLACKLIST",
     "CLASSIFICATION_KEYWORDS",
@@ -81,46 +88,79 @@ def lcs_length(a: Sequence[Any], b: Sequence[Any]) -> int:
     return prev[-1]
 
 
-def _words(text: str) -> list[str]:
+_ROUGE_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    """The tokens ROUGE-L compares, as ``rouge_score``'s default tokenizer (no stemmer) makes them.
+
+    ``text.lower()``, then the maximal runs of ``a-z`` / ``0-9``: ``rouge_score`` replaces every
+    other run of characters by a space, splits on whitespace and drops empty tokens, which leaves
+    the same list. ``"Sort the words."`` -> ``["sort", "the", "words"]``; ``"2/3"`` -> ``["2", "3"]``;
+    ``"Écrivez"`` -> ``["crivez"]`` (non-ASCII letters are not word characters there either).
+    """
     if not isinstance(text, str):
         raise TypeError(f"rouge_l compares strings, got {type(text).__name__}")
-    return text.lower().split()
+    return _ROUGE_TOKEN.findall(text.lower())
+
+
+def _f_measure(lcs: int, len_a: int, len_b: int) -> float:
+    # rouge_score's _score_lcs + scoring.fmeasure, with a as the target and b as the prediction
+    precision, recall = lcs / len_b, lcs / len_a
+    if precision + recall > 0:
+        return 2 * precision * recall / (precision + recall)
+    return 0.0
 
 
 def rouge_l_tokens(a: Sequence[str], b: Sequence[str]) -> float:
-    """ROUGE-L F-measure of two token sequences: ``2 * LCS / (len(a) + len(b))``; 0.0 if either
-    is empty (as the ``rouge-score`` package)."""
+    """ROUGE-L F-measure (beta = 1) of two token sequences; 0.0 if either is empty or they share
+    nothing.
+
+    Computed as ``rouge_score`` does (``_score_lcs`` and ``scoring.fmeasure``), with ``a`` as the
+    target and ``b`` as the prediction: ``P = LCS / len(b)``, ``R = LCS / len(a)``,
+    ``F = 2 * P * R / (P + R)``. Mathematically that is ``2 * LCS / (len(a) + len(b))``; the same
+    operations give the same rounding, so the scores equal the package's bit for bit (and the
+    result is symmetric: ``2 * P`` is exact and products and sums commute).
+    """
     if not a or not b:
         return 0.0
-    return 2.0 * lcs_length(a, b) / (len(a) + len(b))
+    return _f_measure(lcs_length(a, b), len(a), len(b))
 
 
 def rouge_l(a: str, b: str) -> float:
-    """ROUGE-L F-measure (beta = 1) between two strings, on lowercased whitespace tokens.
+    """ROUGE-L F-measure (beta = 1) between two strings, on :func:`rouge_tokens`.
 
-    ``rouge_l("the cat sat", "the cat ate")`` is ``2 * 2 / (3 + 3) = 0.667``. Symmetric; 1.0 for
-    identical token lists; 0.0 when either string has no tokens.
+    Equals ``rouge_scorer.RougeScorer(["rougeL"]).score(a, b)["rougeL"].fmeasure``.
+    ``rouge_l("the cat sat", "the cat ate")`` is ``2 * 2 / (3 + 3) = 0.667``;
+    ``rouge_l("Sort the words.", "sort the words")`` is 1.0 (case and punctuation do not count).
+    Symmetric; 0.0 when either string has no tokens (e.g. only punctuation).
     """
-    return rouge_l_tokens(_words(a), _words(b))
+    return rouge_l_tokens(rouge_tokens(a), rouge_tokens(b))
 
 
 def max_rouge_l(text: str, others: Iterable[str]) -> float:
     """The largest :func:`rouge_l` between ``text`` and any of ``others`` (0.0 when there are none).
 
     A cheap bound skips most LCS computations: the LCS is at most the number of shared tokens
-    (multiset intersection), so ``F <= 2 * shared / (m + n)``.
+    (multiset intersection), so ``F <= 2 * shared / (m + n)``. The bound is compared in integers
+    with the best exact ratio ``2 * LCS / (m + n)`` so far and a pair is skipped only when it is
+    strictly below, so the result is exactly ``max(rouge_l(text, o) for o in others)``.
     """
-    words = _words(text)
+    words = rouge_tokens(text)
     counts = Counter(words)
-    best = 0.0
+    best, best_num, best_den = 0.0, 0, 1   # best float score; best exact ratio best_num / best_den
     for other in others:
-        ow = _words(other)
+        ow = rouge_tokens(other)
         if not words or not ow:
             continue
         shared = sum((counts & Counter(ow)).values())
-        if 2.0 * shared / (len(words) + len(ow)) <= best:
+        den = len(words) + len(ow)
+        if shared == 0 or 2 * shared * best_den < best_num * den:
             continue
-        best = max(best, rouge_l_tokens(words, ow))
+        lcs = lcs_length(words, ow)
+        best = max(best, _f_measure(lcs, len(words), len(ow)))
+        if 2 * lcs * best_den > best_num * den:
+            best_num, best_den = 2 * lcs, den
     return best
 
 
@@ -128,7 +168,9 @@ def max_rouge_l(text: str, others: Iterable[str]) -> float:
 # Seed tasks and prompts
 # ---------------------------------------------------------------------------------------------
 
-# Alpaca's blacklist (generate_instruction.py): things a text-only model cannot do or see.
+# Words a generated instruction must not contain (whole words, any case), from the post-processing
+# of Self-Instruct (bootstrap_instructions.py: the first 13, up to "go to") and Stanford Alpaca
+# (generate_instruction.py, which adds the last 5): things a text-only model cannot see or make.
 BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
              "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
 
@@ -224,31 +266,55 @@ def parse_instructions(completion: str, start: int | None = None) -> list[str]:
 
 
 def filter_instruction(instruction: str, existing: Iterable[str] = (), threshold: float = 0.7,
-                       min_words: int = 3, max_words: int = 150) -> str | None:
-    """Why a generated instruction is rejected, or None if it is kept.
+                       min_words: int = 4, max_words: int = 150) -> str | None:
+    r"""Why a generated instruction is rejected, or None if it is kept.
 
-    Reasons, checked in this order: ``"too_short"`` / ``"too_long"`` (fewer than ``min_words`` or
-    more than ``max_words`` words), ``"blacklisted"`` (mentions a word of :data:`BLACKLIST`),
-    ``"starts_with_punctuation"``, ``"non_ascii_start"``, ``"duplicate"`` (equal, ignoring case and
-    spacing, to an existing instruction), ``"too_similar"`` (ROUGE-L >= ``threshold`` with one).
+    The rules and their order are those of ``post_process_gpt3_response`` in Self-Instruct
+    (``self_instruct/bootstrap_instructions.py``, Wang et al. 2022) and Stanford Alpaca
+    (``generate_instruction.py``), followed by the ROUGE-L test both run on what survives:
+
+    1. ``"too_short"`` / ``"too_long"``: fewer than ``min_words`` or more than ``max_words``
+       whitespace-separated words. Both: ``len(inst.split()) <= 3 or len(inst.split()) > 150``,
+       i.e. the defaults ``min_words=4``, ``max_words=150``.
+    2. ``"blacklisted"``: contains a word of :data:`BLACKLIST` as a whole word, ignoring case
+       (their ``re.search(r"\b(word)\b", inst, re.IGNORECASE)``). Self-Instruct's list is the
+       first 13 words; Alpaca's adds video, audio, music, flowchart and diagram; this uses
+       Alpaca's.
+    3. ``"write_a_program"``: starts with "Write a program". Both have the rule (the model kept
+       turning tasks into programming tasks); Self-Instruct compares after ``str.capitalize()``,
+       so in any case, as here; Alpaca compares case-sensitively.
+    4. ``"starts_with_punctuation"``: the first character is in ``string.punctuation`` (both).
+    5. ``"non_ascii_start"``: the first character is not ASCII (both).
+    6. ``"too_similar"``: ROUGE-L F (:func:`rouge_l`, ``rouge_score``'s tokens) with some
+       instruction of ``existing`` is **above** ``threshold``: both keep an instruction when
+       ``max(rouge_scores) > 0.7`` is false, so a score of exactly 0.7 is kept.
+       ``"duplicate"`` is reported instead when the rejected instruction equals one of
+       ``existing`` ignoring case and spacing; this is only a finer label (the references do not
+       separate the two), never a different decision.
+
+    The instruction is whitespace-normalised and stripped first, as Self-Instruct does
+    (``re.sub(r"\s+", " ", inst).strip()``). Not reproduced: Self-Instruct also rewrites each kept
+    instruction with ``str.capitalize()``; this function only decides.
     """
-    words = instruction.split()
+    text = " ".join(instruction.split())
+    words = text.split()
     if len(words) < min_words:
         return "too_short"
     if len(words) > max_words:
         return "too_long"
-    lowered = " ".join(w.lower() for w in words)
-    if any(re.search(rf"\b{re.escape(b)}\b", lowered) for b in BLACKLIST):
+    if any(re.search(rf"\b({re.escape(b)})\b", text, flags=re.IGNORECASE) for b in BLACKLIST):
         return "blacklisted"
-    first = instruction.strip()[0]
-    if not first.isascii():
-        return "non_ascii_start"
-    if not first.isalnum():
+    if text.capitalize().startswith("Write a program"):
+        return "write_a_program"
+    if text[0] in string.punctuation:
         return "starts_with_punctuation"
+    if not text[0].isascii():
+        return "non_ascii_start"
     existing = list(existing)
-    if any(lowered == " ".join(e.lower().split()) for e in existing):
-        return "duplicate"
-    if max_rouge_l(instruction, existing) >= threshold:
+    if max_rouge_l(text, existing) > threshold:
+        lowered = text.lower()
+        if any(lowered == " ".join(e.lower().split()) for e in existing):
+            return "duplicate"
         return "too_similar"
     return None
 

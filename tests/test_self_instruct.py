@@ -7,10 +7,44 @@ import time
 from collections import Counter
 
 import pytest
+from rouge_score import rouge_scorer, tokenize  # Google's ROUGE (a dev dependency): what Self-Instruct and Alpaca call
 
-from llama_from_scratch.self_instruct import (encode_prompt, filter_instruction, instance_prompt, is_classification,
-                                              lcs_length, load_seed_tasks, max_rouge_l, parse_instance,
-                                              parse_instructions, rouge_l, self_instruct, smollm2_generator)
+from llama_from_scratch.instruct import load_instructions
+from llama_from_scratch.self_instruct import (BLACKLIST, encode_prompt, filter_instruction, instance_prompt,
+                                              is_classification, lcs_length, load_seed_tasks, max_rouge_l,
+                                              parse_instance, parse_instructions, rouge_l, rouge_tokens,
+                                              self_instruct, smollm2_generator)
+
+SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def reference_rouge_l(a: str, b: str) -> float:
+    """rouge_score's ROUGE-L F, called as Self-Instruct calls it (scorer.score(new, existing))."""
+    return SCORER.score(a, b)["rougeL"].fmeasure
+
+
+# Strings that stress the tokenizer: case, digits, ASCII punctuation, non-ASCII letters (some of
+# which lowercase to ASCII, e.g. the Kelvin sign and dotted capital I), ligatures, CJK, emoji,
+# combining marks, and unusual whitespace.
+EDGE_STRINGS = ["", " ", "\t\n", ".", "...", "!!! ???", "-- / --", "é", "日本語", "🙂🙂", "a", "A", "a a a a",
+                "the the the", "Sort the words.", "sort the words", "What is 2/3 of 75?", "What is 3/4 of 60?",
+                "don't stop", "dont stop", "e-mail", "e mail", "\u212a", "K", "\u0130stanbul", "istanbul",
+                "straße strasse", "ﬁne fine", "café cafe", "naïve naive", "x\u00a0y", "x\u3000y", "ABC123def",
+                "abc 123 def", "αβγ abc", "a_b", "a b", "Ωmega omega", "e\u0301t\u00e9", "1,000,000", "1 000 000"]
+_ALPHABET = list("abcdeABCDE0123 .,;:!?'\"-/()_\t\n") + ["é", "ß", "\u0130", "\u212a", "日", "🙂", "\u0301", "\u00a0",
+                                                           "Ω", "ﬁ"]
+_WORDS = ["the", "The", "cat", "CAT", "cat.", "sat", "a", "on", "mat", "write", "Write", "poem", "2/3", "42", "x-y",
+          "don't", "café", "naïve", "日本", "🙂", "...", "-", "İ", "K", "Straße"]
+
+
+def random_strings(rng: random.Random, n: int) -> list[str]:
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.5:
+            out.append("".join(rng.choice(_ALPHABET) for _ in range(rng.randint(0, 30))))
+        else:
+            out.append(rng.choice([" ", "  ", "\n"]).join(rng.choice(_WORDS) for _ in range(rng.randint(0, 14))))
+    return out
 
 # ----- ROUGE-L --------------------------------------------------------------------------------
 
@@ -36,23 +70,64 @@ def test_rouge_l_hand_computed(a, b, expected):
     assert rouge_l(b, a) == pytest.approx(expected, abs=1e-15)
 
 
-def test_rouge_l_matches_rouge_score_package():
-    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+def test_rouge_tokens_are_rouge_score_tokens():
     rng = random.Random(0)
-    vocab = ["the", "a", "cat", "dog", "sat", "on", "mat", "write", "poem", "list", "3", "42"]
-    for _ in range(300):
-        a = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 12)))
-        b = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 12)))
-        assert rouge_l(a, b) == pytest.approx(scorer.score(a, b)["rougeL"].fmeasure, abs=1e-12)
+    for text in EDGE_STRINGS + random_strings(rng, 2000):
+        assert rouge_tokens(text) == tokenize.tokenize(text, None), repr(text)
+    assert rouge_tokens("Sort the words.") == ["sort", "the", "words"]
+    assert rouge_tokens("What is 2/3?") == ["what", "is", "2", "3"]
+    assert rouge_tokens("\u212aelvin café") == ["kelvin", "caf"]   # the Kelvin sign lowercases to ASCII k
+    assert rouge_tokens("...!?") == [] and rouge_tokens("日本語") == []
+
+
+def test_rouge_l_equals_rouge_score_bit_for_bit():
+    """The same float, not just close: the 0.7 threshold sits where rounding decides (see below)."""
+    rng = random.Random(0)
+    texts = EDGE_STRINGS + random_strings(rng, 400)
+    n_pairs = n_nonzero = 0
+    for a in texts:
+        for b in rng.sample(texts, 25) + EDGE_STRINGS[:5]:
+            ours, ref = rouge_l(a, b), reference_rouge_l(a, b)
+            assert ours == ref, (a, b, ours, ref)
+            assert rouge_l(b, a) == ours
+            n_pairs += 1
+            n_nonzero += ref > 0
+    assert n_pairs > 10000 and n_nonzero > 3000   # the comparison is not all zeros
+    # every pair of edge-case strings
+    for a in EDGE_STRINGS:
+        for b in EDGE_STRINGS:
+            assert rouge_l(a, b) == reference_rouge_l(a, b), (a, b)
+
+
+def test_rouge_l_on_the_project_instructions_equals_rouge_score():
+    instructions = [ex["instruction"] for ex in load_instructions("test")]
+    for i, a in enumerate(instructions):
+        for b in instructions[i:]:
+            assert rouge_l(a, b) == reference_rouge_l(a, b), (a, b)
+
+
+def test_rouge_l_rounding_at_the_threshold_is_rouge_score_s():
+    # LCS 7 of 7 and 13 tokens: 2 * 7 / 20 is 0.7, but rouge_score's 2PR / (P + R) rounds to
+    # 0.7000000000000001, which is > 0.7: Self-Instruct would reject it. 7 of 10 and 10 gives 0.7.
+    seven = "a b c d e f g"
+    thirteen = "a b c d e f g h i j k l m"
+    assert reference_rouge_l(seven, thirteen) > 0.7 and rouge_l(seven, thirteen) > 0.7
+    assert reference_rouge_l("a b c d e f g h i j", "a b c d e f g x y z") == 0.7
+    assert rouge_l("a b c d e f g h i j", "a b c d e f g x y z") == 0.7
+    assert filter_instruction("alpha beta gamma delta epsilon zeta eta", [
+        "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu"]) == "too_similar"
+    assert filter_instruction("alpha beta gamma delta epsilon zeta eta theta iota kappa",
+                              ["alpha beta gamma delta epsilon zeta eta x y z"]) is None   # exactly 0.7 is kept
 
 
 def test_max_rouge_l_equals_brute_force():
     rng = random.Random(1)
-    vocab = "write a short poem about the sea list five facts on cats".split()
-    texts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(1, 9))) for _ in range(60)]
-    for t in texts[:20]:
-        assert max_rouge_l(t, texts[20:]) == pytest.approx(max(rouge_l(t, o) for o in texts[20:]), abs=1e-15)
+    vocab = "write a short poem about the sea list five facts on cats Write. poem, sea!".split()
+    texts = [" ".join(rng.choice(vocab) for _ in range(rng.randint(0, 9))) for _ in range(60)]
+    texts += random_strings(rng, 60) + EDGE_STRINGS
+    for t in texts[:40] + texts[60:80] + EDGE_STRINGS:
+        others = texts[40:60] + texts[80:]
+        assert max_rouge_l(t, others) == max(reference_rouge_l(t, o) for o in others)
     assert max_rouge_l("anything", []) == 0.0
     with pytest.raises(TypeError):
         rouge_l("a", None)
@@ -82,13 +157,32 @@ def test_parse_instructions():
 
 @pytest.mark.parametrize("instruction, reason", [
     ("Sort this", "too_short"),
+    ("Sort the words.", "too_short"),                                   # 3 words: both references drop it
+    ("Sort these four words.", None),                                   # 4 words: kept
+    ("   Sort \n the   words   ", "too_short"),                         # whitespace does not count
+    (" ".join(["word"] * 150), None),
     (" ".join(["word"] * 151), "too_long"),
     ("Draw a cat for my sister please", "blacklisted"),
     ("Describe the image in detail please", "blacklisted"),
-    ("Explain the graph of sales", "blacklisted"),
+    ("Explain the GRAPH of sales", "blacklisted"),                      # any case
+    ("Explain the graphs of sales", "blacklisted"),
+    ("Compose a song about summer music", "blacklisted"),               # Alpaca's addition
+    ("Explain why people go to school", "blacklisted"),                 # the two-word entry
+    ("Explain why people go\nto school", "blacklisted"),                # after whitespace normalisation
+    ("Explain what a mapping between sets is", None),                   # whole words only: "mapping" is not "map"
+    ("Explain the profile of a typical customer", None),                # nor "profile" "file"
+    ("Write a program that adds two numbers", "write_a_program"),
+    ("write a Program that adds two numbers", "write_a_program"),      # Self-Instruct capitalizes first
+    ("Write a programme that adds two numbers", "write_a_program"),    # a prefix test, as theirs
+    ("Write a Python program that adds two numbers", None),
     ("- Write a poem about rain", "starts_with_punctuation"),
+    ('"Rain" is the topic of this poem', "starts_with_punctuation"),
+    ("1. Write a poem about rain", None),                               # digits are not punctuation
     ("«Write» a poem about rain", "non_ascii_start"),
+    ("Écrivez un poème sur la pluie", "non_ascii_start"),
     ("Name a colour of the rainbow", "duplicate"),
+    ("NAME a colour   of the rainbow", "duplicate"),
+    ("Name a colour of the rainbow.", "too_similar"),                  # ROUGE-L 1.0, but not the same string
     ("Name one colour of the rainbow", "too_similar"),
     ("Write a limerick about a cat", None),
 ])
@@ -97,10 +191,52 @@ def test_filter_instruction(instruction, reason):
     assert filter_instruction(instruction, existing) == reason
 
 
+def test_blacklist_is_alpacas():
+    assert BLACKLIST == ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
+                         "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
+
+
+def test_filter_similarity_decision_is_rouge_score_above_threshold():
+    """On instructions that pass the other rules, rejection as similar <=> max rouge_score F > 0.7."""
+    rng = random.Random(2)
+    pool = [ex["instruction"] for ex in load_instructions("train")][:200]
+    candidates = []
+    for text in rng.sample(pool, 100):
+        words = text.split()
+        for _ in range(3):   # perturb: drop, duplicate or replace words, change case and punctuation
+            w = list(words)
+            for _ in range(rng.randint(0, 4)):
+                i = rng.randrange(len(w))
+                op = rng.choice(["drop", "dup", "new", "case", "punct"])
+                if op == "drop" and len(w) > 5:
+                    del w[i]
+                elif op == "dup":
+                    w.insert(i, w[i])
+                elif op == "new":
+                    w[i] = rng.choice(["quickly", "three", "story", "number", "list"])
+                elif op == "case":
+                    w[i] = w[i].upper()
+                else:
+                    w[i] = w[i] + rng.choice([".", ",", "?", "!"])
+            candidates.append("Please " + " ".join(w))
+    decided = Counter()
+    for c in candidates:
+        reason = filter_instruction(c, pool)
+        assert reason in (None, "too_similar", "duplicate", "too_long"), (c, reason)
+        if reason == "too_long":
+            continue
+        rejected = max(reference_rouge_l(c, p) for p in pool) > 0.7
+        assert (reason is not None) == rejected, (c, reason)
+        decided[reason] += 1
+    assert decided[None] >= 10 and decided["too_similar"] >= 10   # both outcomes are exercised
+
+
 def test_filter_threshold_boundary():
     # rouge_l = 2 * 3 / (4 + 4) = 0.75: rejected at 0.7, kept at 0.8
     assert filter_instruction("write a long poem", ["write a short poem"]) == "too_similar"
     assert filter_instruction("write a long poem", ["write a short poem"], threshold=0.8) is None
+    # the length rule is a parameter: min_words=3 keeps three words
+    assert filter_instruction("Sort the words.", [], min_words=3) is None
 
 
 def test_is_classification_heuristic_and_model():
