@@ -12,8 +12,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from llama_from_scratch.config import LlamaConfig
-from llama_from_scratch.model import Llama
 from llama_from_scratch.parallel import (
     BucketedDataParallel,
     all_gather_flat,
@@ -21,37 +19,13 @@ from llama_from_scratch.parallel import (
     reduce_scatter_flat,
     run_on_processes,
 )
+from parallel_common import ADAMW, TOL, WORLD, batches, fresh_model, needs_gloo, rank_rows
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
-
-WORLD = 2
-STEPS = 3
-GLOBAL_BATCH, SEQ = 4, 16
-TOL = dict(rtol=1e-5, atol=1e-6)
-
-
-def tiny_config() -> LlamaConfig:
-    return LlamaConfig.tiny(vocab_size=64, dim=32, hidden_dim=64, max_seq_len=32)
-
-
-def fresh_model() -> Llama:
-    torch.manual_seed(0)
-    return Llama(tiny_config())
-
-
-def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``STEPS`` global batches of (input ids, next-token targets)."""
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(STEPS):
-        tokens = torch.randint(0, tiny_config().vocab_size, (GLOBAL_BATCH, SEQ + 1), generator=g)
-        out.append((tokens[:, :-1], tokens[:, 1:]))
-    return out
+pytestmark = needs_gloo
 
 
 def optimizer_for(model: torch.nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    return torch.optim.AdamW(model.parameters(), **ADAMW)
 
 
 def train_one_process() -> dict[str, torch.Tensor]:
@@ -77,7 +51,7 @@ def collectives_worker(rank: int, world_size: int) -> dict[str, torch.Tensor]:
 
 def data_parallel_worker(rank: int, world_size: int) -> dict[str, object]:
     results: dict[str, object] = {"collectives": collectives_worker(rank, world_size)}
-    rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
+    rows = rank_rows(rank, world_size)
 
     # 1. By hand: backward, then one all-reduce per gradient.
     model = fresh_model()

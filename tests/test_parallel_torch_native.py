@@ -10,40 +10,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from llama_from_scratch.config import LlamaConfig
-from llama_from_scratch.model import Llama
 from llama_from_scratch.parallel import run_on_processes, state_bytes_per_rank, tensor_parallel_llama, zero_bytes_formula
 from llama_from_scratch.parallel.torch_native import dtensor_tensor_parallel_llama, fsdp2_llama, local_tensor
+from parallel_common import ADAMW, TOL, WORLD, batches, needs_gloo, rank_rows
+from parallel_common import fresh_model as tiny_model
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
-
-WORLD = 2
-STEPS = 3
-GLOBAL_BATCH, SEQ = 4, 16
-TOL = dict(rtol=1e-5, atol=1e-6)
-ADAMW = dict(lr=1e-3, weight_decay=0.1)
-
-
-def tiny_model() -> Llama:
-    torch.manual_seed(0)
-    return Llama(LlamaConfig.tiny(vocab_size=64, dim=32, hidden_dim=64, max_seq_len=32))
-
-
-def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(STEPS):
-        tokens = torch.randint(0, 64, (GLOBAL_BATCH, SEQ + 1), generator=g)
-        out.append((tokens[:, :-1], tokens[:, 1:]))
-    return out
+pytestmark = needs_gloo
 
 
 def torch_native_worker(rank: int, world_size: int) -> dict[str, object]:
     out: dict[str, object] = {}
-    rows = slice(rank * GLOBAL_BATCH // world_size, (rank + 1) * GLOBAL_BATCH // world_size)
+    rows = rank_rows(rank, world_size)
 
     model = fsdp2_llama(tiny_model())
     opt = torch.optim.AdamW(model.parameters(), **ADAMW)
