@@ -10,7 +10,7 @@ References (independent of this package):
 - ``train``: the same loop in the grader with ``torch.optim.AdamW``, ``clip_grad_norm_`` and
   ``LambdaLR(get_wsd_schedule)`` on a tiny ``transformers`` Llama and byte-level blocks of the
   story corpus (``data/stories``, read through the package's data helpers), and the returned
-  weights must score on held-out stories within 1% of the reference run's trained model.
+  weights must score on held-out stories within 2% of the reference run's trained model.
 
 Inputs are drawn fresh at every grading run; failure messages say what differed, never the
 expected values.
@@ -259,13 +259,19 @@ def _reference_train(model, blocks: torch.Tensor, batches: list[list[int]], conf
     return history
 
 
+LOSS_STEPS_COMPARED = 10   # a long run's losses are compared step by step over these first steps
+
+
 def _random_config(rng, steps: int) -> dict:
     """A run of ``steps`` steps; a short one (6 steps) has every phase of the schedule and clips at
     0.5, below the gradient norms of a fresh model (about 2), so that clipping acts at every step."""
     short = steps < 12
     warmup = 2 if short else rng.randrange(2, 7)
     decay = 2 if short else rng.randrange(8, 16)
-    return dict(grad_accum_steps=rng.choice([2, 4]), max_lr=rng.choice([8e-3, 1e-2, 1.5e-2]), num_warmup_steps=warmup,
+    # The long run keeps to smaller learning rates: at 1e-2 and above a 36-step run of the tiny model
+    # is chaotic, and a correct run's float rounding grows until its held-out loss differs by 1-2%.
+    max_lr = rng.choice([8e-3, 1e-2, 1.5e-2]) if short else rng.choice([3e-3, 5e-3, 8e-3])
+    return dict(grad_accum_steps=rng.choice([2, 4]), max_lr=max_lr, num_warmup_steps=warmup,
                 num_stable_steps=steps - warmup - decay, num_decay_steps=decay, warmup_type=rng.choice(WARMUP_TYPES),
                 decay_type=rng.choice(DECAY_TYPES), min_lr_ratio=rng.choice([0.1, 0.2]),
                 max_grad_norm=0.5 if short else rng.choice([0.5, 1.0]), weight_decay=rng.choice([0.05, 0.1]),
@@ -304,12 +310,21 @@ def _run_and_compare(fn: Callable, rng, g, steps: int) -> tuple[dict, torch.nn.M
     assert_close(_series(result, "lrs", what), torch.tensor(reference["lrs"], dtype=torch.float64),
                  f"{what}: the learning rate of each step", rtol=1e-6, atol=1e-12,
                  hint="Step s (from 0) uses max_lr * wsd_lr_lambda(s, ...).")
-    assert_close(_series(result, "losses", what), torch.tensor(reference["losses"], dtype=torch.float64),
-                 f"{what}: the loss of each step", rtol=1e-4 if short else 2e-2, atol=1e-6,
-                 hint="A step's loss is the mean cross-entropy over its whole batch (the mean of its micro-batches' "
-                      "losses), measured before the update; inputs are block[:, :-1], targets block[:, 1:].")
-    # Over a long run float rounding grows (AdamW's near-sign updates amplify it): the long run's
-    # losses are compared loosely and its gradient norms only for their length.
+    # Over a long run float rounding grows (AdamW's near-sign updates amplify it, and at the larger
+    # learning rates a run is chaotic: a correct run has drifted 0.12 from the reference by step 18):
+    # the long run's losses are compared step by step only over its first steps, then as a mean.
+    losses, reference_losses = _series(result, "losses", what), torch.tensor(reference["losses"], dtype=torch.float64)
+    loss_hint = ("A step's loss is the mean cross-entropy over its whole batch (the mean of its micro-batches' "
+                 "losses), measured before the update; inputs are block[:, :-1], targets block[:, 1:].")
+    if len(losses) != steps:
+        raise AssertionError(f"{what}: result['losses'] has {len(losses)} entries, expected one per step ({steps})")
+    first = steps if short else LOSS_STEPS_COMPARED
+    assert_close(losses[:first], reference_losses[:first], f"{what}: the loss of each of the first {first} steps",
+                 rtol=1e-4 if short else 2e-2, atol=1e-6, hint=loss_hint)
+    if not short:
+        assert_close(losses.mean(), reference_losses.mean(), f"{what}: the mean loss over all {steps} steps",
+                     rtol=5e-2, atol=1e-6, hint=loss_hint)
+    # The long run's gradient norms are compared only for their length (same drift as the losses).
     norms = _series(result, "grad_norms", what)
     if short:
         assert_close(norms, torch.tensor(reference["grad_norms"], dtype=torch.float64),
@@ -336,8 +351,9 @@ def _run_and_compare(fn: Callable, rng, g, steps: int) -> tuple[dict, torch.nn.M
 def check_train(fn: Callable) -> None:
     """``fn(model, blocks, batches, config)`` trains a tiny ``transformers`` Llama on byte-level story
     blocks as the grader's reference loop does: a 6-step run must give the same learning rates,
-    losses, gradient norms and weights, a 36-step run the same learning rates and losses, and the
-    weights it returns must score on held-out stories as the reference's trained weights do.
+    losses, gradient norms and weights, a 36-step run the same learning rates, the same losses over
+    its first 10 steps and the same mean loss, and the weights it returns must score on held-out
+    stories as the reference's trained weights do.
 
     The held-out loss is compared with the reference run's, not with a fixed bar: 36 steps with a
     randomly drawn schedule sometimes leave even the reference just above the unigram baseline."""
@@ -350,9 +366,9 @@ def check_train(fn: Callable) -> None:
         trained.load_state_dict({k: as_tensor(v, k) for k, v in state.items()})
         held_out = float(_loss(trained, val_blocks))
         expected = float(_loss(reference_model, val_blocks))
-    if not abs(held_out - expected) <= 0.01 * expected:
+    if not abs(held_out - expected) <= 0.02 * expected:
         raise AssertionError(f"train: after 36 steps the returned weights give a held-out loss of {held_out:.3f}, "
-                             f"not within 1% of the reference run's (unigram baseline: {unigram:.3f}); return "
+                             f"not within 2% of the reference run's (unigram baseline: {unigram:.3f}); return "
                              f"model.state_dict() after the last step.")
 
 
