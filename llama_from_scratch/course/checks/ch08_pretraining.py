@@ -141,7 +141,7 @@ def check_adamw_step(fn: Callable) -> None:
         rng.shuffle(shapes)
         betas = (rng.choice([0.9, 0.8, rng.uniform(0.5, 0.95)]), rng.choice([0.999, 0.95, rng.uniform(0.8, 0.999)]))
         eps = rng.choice([1e-8, 1e-3, 1e-2])
-        weight_decay = rng.choice([0.0, 0.1, 0.5])
+        weight_decay = rng.choice([0.1, 0.5])   # never 0: decay before and after the update must differ
         ref = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
         optimizer = _torch_adamw(ref, 0.1, betas, eps, weight_decay)
         skip = rng.randrange(len(shapes)) if trial % 2 else None       # a parameter that never gets a gradient
