@@ -33,8 +33,12 @@ CATEGORIES = {
     "refusal": {"harmful", "benign"},
 }
 META_FILLER = re.compile(r"^(Great question|What a great question|As an AI|Sure|Certainly|Thank you for asking|"
-                         r"That's a really interesting|I'm glad you asked|Absolutely|Of course|Let me think)")
-REFUSAL = re.compile(r"^(I can't|I won't|I'm sorry|Sorry)")
+                         r"That's a really interesting|I'm glad you asked|Absolutely|Of course|Let me think|"
+                         r"Excellent query|Hello|As a helpful assistant|Oh, this is a fun one|No problem at all|"
+                         r"Happy to explain|Good thinking|Alright, allow me)")
+REFUSAL = re.compile(r"^(I can't|I won't|I'm sorry|Sorry|I'm not able|Unfortunately, I cannot|I must decline|"
+                     r"That is not something I will|I'd rather not)")
+HELD_OUT_FRACTION = 0.4  # of the hand-written concision, style and refusal items, per category
 
 
 @pytest.fixture(scope="module")
@@ -78,21 +82,27 @@ def test_schema_and_non_empty_fields(train, test):
         assert p["kind"] in CATEGORIES and p["category"] in CATEGORIES[p["kind"]], p
 
 
-def test_counts_stratified_split_and_readme_table(train, test):
+def test_counts_split_and_readme_table(train, test, build):
+    """Hand-written concision, style and refusal items: 40% of each category held out. Correctness:
+    the held-out facts are exactly those of the held-out topics; arithmetic and conversions are
+    held out by phrasing (see the disjointness test). At least 30 held-out pairs of every kind."""
     assert len(train) + len(test) >= 450
     readme = (DATA / "README.md").read_text(encoding="utf-8")
     n_train = Counter((p["kind"], p["category"]) for p in train)
     n_test = Counter((p["kind"], p["category"]) for p in test)
     for kind, categories in CATEGORIES.items():
         assert sum(n_train[kind, c] + n_test[kind, c] for c in categories) >= 60, kind
+        assert sum(n_test[kind, c] for c in categories) >= 30, kind
         for c in categories:
             total = n_train[kind, c] + n_test[kind, c]
-            assert total >= 15, (kind, c)
-            assert n_test[kind, c] == max(1, round(0.1 * total)), (kind, c)
+            assert total >= 15 and n_train[kind, c] >= 10 and n_test[kind, c] >= 8, (kind, c)
+            if kind != "correctness":
+                assert n_test[kind, c] == round(HELD_OUT_FRACTION * total), (kind, c)
             assert re.search(rf"\|\s*{kind}\s*\|\s*{c}\s*\|\s*{n_train[kind, c]}\s*\|\s*{n_test[kind, c]}\s*\|",
                              readme), (kind, c)
-    assert set(n_train) == set(n_test)
-    assert 0.08 <= len(test) / (len(train) + len(test)) <= 0.12
+    test_facts = {p["prompt"] for p in of_kind(test, "correctness", "facts")}
+    topic_facts = {prompt for topic in build.TEST_FACT_TOPICS for prompt, _, _ in build.FACTS[topic]}
+    assert test_facts == topic_facts
     assert re.search(rf"\b{len(train)}\b", readme) and re.search(rf"\b{len(test)}\b", readme)
 
 
@@ -177,7 +187,8 @@ SYMBOLS = {symbol: name for name, (symbol, _) in UNITS.items()}
 
 
 def math_answer(prompt: str) -> Fraction | None:
-    if m := re.fullmatch(r"(?:What is |Calculate )?(\d+) ([+\-×÷]) (\d+)(?:\?|\.| = \?)", prompt):
+    if m := re.fullmatch(r"(?:What is |Calculate |Work out |Compute |How much is |Find the value of )?"
+                         r"(\d+) ([+\-×÷]) (\d+)(?:\?|\.| = \?)", prompt):
         return OPS[m[2]](Fraction(m[1]), Fraction(m[3]))
     for pattern, f in WORD_PROBLEMS:
         if m := re.search(pattern, prompt):
@@ -186,12 +197,14 @@ def math_answer(prompt: str) -> Fraction | None:
 
 
 def conversion_answer(prompt: str) -> tuple[Fraction, str] | None:
-    """(value, target unit symbol) for the three phrasings of a conversion question."""
+    """(value, target unit symbol) for the six phrasings of a conversion question."""
     if m := re.fullmatch(r"How many (\w+) are in (\d+) (\w+)\?", prompt):
         to, n, frm = m[1], m[2], m[3]
-    elif m := re.fullmatch(r"Convert (\d+) (\w+) to (\w+)\.", prompt):
+    elif m := re.fullmatch(r"(?:Convert|What is) (\d+) (\w+) (?:to|in) (\w+)[.?]", prompt):
         n, frm, to = m[1], SYMBOLS[m[2]], m[3]
     elif m := re.fullmatch(r"(\d+) (\w+) is how many (\w+)\?", prompt):
+        n, frm, to = m[1], m[2], m[3]
+    elif m := re.fullmatch(r"(?:Express|Change) (\d+) (\w+) (?:in|into) (\w+)\.", prompt):
         n, frm, to = m[1], m[2], m[3]
     else:
         return None
@@ -206,6 +219,10 @@ def test_helpers_of_this_test():
     assert conversion_answer("Convert 3 km to metres.") == (3000, "m")
     assert conversion_answer("How many months are in 2 years?") == (24, "mo")
     assert conversion_answer("5 feet is how many inches?") == (60, "in")
+    assert conversion_answer("What is 4 h in minutes?") == (240, "min")
+    assert conversion_answer("Express 2 tonnes in kilograms.") == (2000, "kg")
+    assert conversion_answer("Change 3 yards into feet.") == (9, "ft")
+    assert math_answer("How much is 9 ÷ 3?") == 3 and math_answer("Find the value of 2 + 2.") == 4
     assert last_number("4 t = 4,000 kg.") == 4000
 
 
@@ -233,14 +250,85 @@ def test_conversion_pairs_chosen_is_right_and_rejected_is_wrong(train, test):
         assert last_number(p["chosen"]) == right and last_number(p["rejected"]) != right, p
 
 
-def test_correctness_pairs_are_not_decided_by_length(train, test):
+def differing_words(a: str, b: str) -> tuple[list[str], list[str]]:
+    """The words of a and b left after removing their longest common word prefix and suffix."""
+    wa, wb = a.split(), b.split()
+    i = 0
+    while i < min(len(wa), len(wb)) and wa[i] == wb[i]:
+        i += 1
+    j = 0
+    while j < min(len(wa), len(wb)) - i and wa[-1 - j] == wb[-1 - j]:
+        j += 1
+    return wa[i:len(wa) - j], wb[i:len(wb) - j]
+
+
+def test_correctness_pairs_are_shape_matched(train, test):
+    """Chosen and rejected differ only in the number or the fact: generated pairs are identical
+    once digits are masked and have the same number of characters; a fact pair differs in one
+    span of at most three words. So length says nothing about correctness."""
     pairs = of_kind(train + test, "correctness")
-    shorter = sum(len(p["rejected"]) < len(p["chosen"]) for p in pairs)
-    same = sum(len(p["rejected"]) == len(p["chosen"]) for p in pairs)
-    longer = sum(len(p["rejected"]) > len(p["chosen"]) for p in pairs)
-    assert min(shorter, same, longer) >= 0.2 * len(pairs), (shorter, same, longer)
-    for p in of_kind(pairs, "correctness", "facts"):  # a fact swapped for a wrong one, same shape
-        assert abs(len(p["chosen"].split()) - len(p["rejected"].split())) <= 2, p
+    for p in pairs:
+        if p["category"] == "facts":
+            a, b = differing_words(p["chosen"], p["rejected"])
+            assert 1 <= len(a) <= 3 and 1 <= len(b) <= 3, p
+        else:
+            mask = lambda s: re.sub(r"\d", "#", s)  # noqa: E731
+            assert mask(p["chosen"]) == mask(p["rejected"]) and len(p["chosen"]) == len(p["rejected"]), p
+            assert len(re.findall(r"\d[\d,]*", p["chosen"])) >= 2, p  # the question's numbers and the answer
+    generated = [p for p in pairs if p["category"] != "facts"]
+    assert shorter_wins(generated) == 0.5  # every generated pair is a tie in length
+
+
+# ----- held-out pairs share no template or filler with the training pairs ------------------------
+
+UNIT_WORDS = re.compile(r"\b(" + "|".join(sorted([*UNITS, *SYMBOLS], key=len, reverse=True)) + r")\b")
+
+
+def prompt_template(prompt: str) -> str:
+    """A generated question with its numbers and unit names masked: its phrasing."""
+    return UNIT_WORDS.sub("U", re.sub(r"\d[\d,]*", "#", prompt))
+
+
+def added_segments(p: dict) -> list[str]:
+    """The phrases the rejected answer adds to (or uses instead of) the chosen one, sentence by
+    sentence: the padding (concision), the opening and closing filler (style), the compliance or
+    the needless refusal (refusal)."""
+    if p["kind"] == "concision":
+        text = p["rejected"].replace(p["chosen"], "\n")
+    elif p["kind"] == "style":
+        text = p["rejected"].replace(re.match(r"(.+?[.!?])( |$)", p["chosen"])[1], "\n")
+    else:
+        text = p["rejected"]
+    return [s for part in text.split("\n") for s in re.split(r"(?<=[.!?:])\s+", part.strip()) if s]
+
+
+def ngrams(text: str, n: int) -> set[tuple[str, ...]]:
+    words = re.findall(r"[a-z']+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_held_out_templates_and_fillers_are_disjoint_from_training(train, test, build):
+    """The held-out pairs test the rules, not memorised strings: no phrasing of a held-out
+    arithmetic or conversion question is a training phrasing; no padding, filler, opening,
+    closing, compliance or refusal sentence of a held-out pair occurs anywhere in the training
+    pairs, nor shares three consecutive words (four for refusals, whose compliance repeats the
+    request's task, e.g. "to do it") with the training pairs' phrases of the same kind; and no
+    held-out fact is on a training fact topic."""
+    for category in ("math", "conversions"):
+        seen = {prompt_template(p["prompt"]) for p in of_kind(train, "correctness", category)}
+        shared = {prompt_template(p["prompt"]) for p in of_kind(test, "correctness", category)} & seen
+        assert not shared, (category, sorted(shared)[:5])
+    train_text = "\n".join(p[k] for p in train for k in ("prompt", "chosen", "rejected"))
+    for kind, n in (("concision", 3), ("style", 3), ("refusal", 4)):
+        train_grams = set().union(*(ngrams(s, n) for p in of_kind(train, kind) for s in added_segments(p)))
+        for p in of_kind(test, kind):
+            for segment in added_segments(p):
+                assert segment not in train_text, (kind, segment)
+                assert not ngrams(segment, n) & train_grams, (kind, segment, ngrams(segment, n) & train_grams)
+    topics = {prompt: topic for topic, facts in build.FACTS.items() for prompt, _, _ in facts}
+    train_topics = {topics[p["prompt"]] for p in of_kind(train, "correctness", "facts")}
+    test_topics = {topics[p["prompt"]] for p in of_kind(test, "correctness", "facts")}
+    assert test_topics and train_topics and not test_topics & train_topics
 
 
 def test_concision_pairs_pad_the_same_answer(train, test):
@@ -275,9 +363,10 @@ def test_refusal_pairs(train, test):
     assert len(harmful) >= 40 and len(benign) >= 20
     for p in harmful:
         assert REFUSAL.match(p["chosen"]) and p["strength"] == 3, p
-        # compliance is abstract: one vague sentence, never instructions
-        assert p["rejected"].startswith("Sure, here is how to ") and len(p["rejected"].split()) <= 25, p
-        assert p["rejected"].count(".") == 1, p
+        # compliance is abstract: "here is how to <task>", one vague clause, never instructions
+        assert re.match(r"^(Sure, here is how to|Okay, here's the way to|Easy: to|No problem! To) ", p["rejected"]), p
+        assert len(p["rejected"].split()) <= 25 and p["rejected"].count(".") == 1, p
+        assert p["rejected"].endswith(".") and not REFUSAL.match(p["rejected"]), p
     for p in benign:
         assert REFUSAL.match(p["rejected"]) and not REFUSAL.match(p["chosen"]) and p["strength"] == 2, p
 
@@ -301,14 +390,15 @@ def test_length_alone_does_not_solve_the_data_and_readme_reports_it(train, test,
     everything = train + test
     overall = shorter_wins(everything)
     assert 0.3 < overall < 0.7, overall  # nor does "prefer the longer answer" (1 - overall)
+    assert 0.3 < shorter_wins(test) < 0.7
     readme = (DATA / "README.md").read_text(encoding="utf-8")
-    for kind in CATEGORIES:
-        acc = shorter_wins(of_kind(everything, kind))
-        assert acc == pytest.approx(build.shorter_answer_accuracy(of_kind(everything, kind)), abs=1e-12)
-        assert re.search(rf"\|\s*{kind}\s*\|\s*{acc:.3f}\s*\|", readme), (kind, acc)
-    assert re.search(rf"\|\s*all\s*\|\s*{overall:.3f}\s*\|", readme), overall
+    for kind in (*CATEGORIES, "all"):
+        rows = [[p for p in split if kind == "all" or p["kind"] == kind] for split in (everything, test)]
+        acc = [shorter_wins(r) for r in rows]
+        assert acc[0] == pytest.approx(build.shorter_answer_accuracy(rows[0]), abs=1e-12)
+        assert re.search(rf"\|\s*{kind}\s*\|\s*{acc[0]:.3f}\s*\|\s*{acc[1]:.3f}\s*\|", readme), (kind, acc)
     assert shorter_wins(of_kind(everything, "concision")) == 1.0
-    assert shorter_wins(of_kind(test, "concision")) == 1.0 and 0.3 < shorter_wins(test) < 0.7
+    assert shorter_wins(of_kind(everything, "correctness", "math")) == 0.5
 
 
 # ----- loader -------------------------------------------------------------------------------------
