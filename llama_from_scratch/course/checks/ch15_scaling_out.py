@@ -4,8 +4,8 @@ the sharded step.
 
 The exercises run on a *simulated* world: the ranks are entries of Python lists in one process,
 and a collective is arithmetic on those lists (the grader's ``pass_right`` moves messages around
-the ring). The grader's sandbox has no network and allows no new processes, so real gloo process
-groups cannot run there; a simulated world also lets a check see every message and every rank's
+the ring). The grader's sandbox has no network and caps the processes it may start, so real gloo
+process groups cannot run there; a simulated world also lets a check see every message and every rank's
 state. References (independent of this package):
 
 - ``ring_all_reduce``: the sum of the ranks' tensors (what ``torch.distributed.all_reduce`` with
