@@ -3,6 +3,7 @@
     python -m llama_from_scratch.pretrain --synthetic --max_steps 200
     python -m llama_from_scratch.pretrain --config run.json --data stories.txt --tokenizer smollm2
     torchrun --nproc_per_node 2 -m llama_from_scratch.pretrain --config run.json --batch_size 4
+    torchrun --nproc_per_node 2 -m llama_from_scratch.pretrain --config run.json --fsdp
 
 ``--config`` is a JSON file whose keys are :class:`~llama_from_scratch.trainer.TrainConfig` fields
 plus, optionally, ``"model"`` (``{"preset": "tiny", ...LlamaConfig fields}``) and ``"data"``
@@ -12,7 +13,12 @@ also a command-line option (``--max_lr 3e-4``), which overrides the file.
 Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialized (gloo on CPU, NCCL on
 CUDA), the model wrapped in DistributedDataParallel, and ``--batch_size`` is *per process*: two
 processes with batch b compute the same steps as one process with batch 2b. Only rank 0 logs,
-samples, saves checkpoints and writes ``--history_out``.
+samples, saves checkpoints and writes ``--history_out``. ``--fsdp`` shards the model with FSDP2
+instead of DistributedDataParallel (chapter 15): the same steps, each process holding ``1/N`` of
+the weights, gradients and AdamW state; checkpoints are gathered on rank 0 and are the folders one
+process writes, so ``--resume`` works across the two. ``--fsdp`` needs ``torchrun`` (one process
+under ``torchrun --nproc_per_node 1`` runs as one-rank FSDP2); run without it, it exits with a
+message saying so.
 
 Unless told where outputs go (``--checkpoint_dir``, ``--history_out``), a run writes them to a run
 folder it names at the start, ``runs/pretrain_<UTC time>`` (``--run_dir`` picks another, ``--run_dir
@@ -43,6 +49,7 @@ from llama_from_scratch.model import Llama
 from llama_from_scratch.trainer import Trainer, TrainConfig, latest_checkpoint
 
 PRESETS = {"tiny": LlamaConfig.tiny, "smollm2_135m": LlamaConfig.smollm2_135m}
+PARALLELISM = {"none": "one process", "ddp": "DistributedDataParallel", "fsdp2": "FSDP2, sharded"}
 DATA_KEYS = {"path", "tokenizer", "synthetic", "block_size", "val_fraction"}
 RUNS_ROOT = Path("runs")
 # warmup used when the default (TrainConfig.warmup_steps) would not fit in --max_steps
@@ -131,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "betas":
             convert = lambda text: tuple(float(v) for v in text.split(","))  # noqa: E731
         elif base is bool:
-            convert = _parse_bool
+            convert = _parse_bool  # "--fsdp" alone means true; "--progress false" still works
         elif base in (int, float, str):
             convert = base
         else:
@@ -140,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
             convert = _optional(convert)
         default = ",".join(str(b) for b in f.default) if f.name == "betas" else f.default
         meaning = FLAG_HELP.get(f.name) or meanings.get(f.name, f"TrainConfig.{f.name}")
-        parser.add_argument(f"--{f.name}", type=convert, default=None, help=f"{meaning} (default: {default})")
+        flag = dict(nargs="?", const=True, metavar="BOOL") if base is bool else {}
+        parser.add_argument(f"--{f.name}", type=convert, default=None, help=f"{meaning} (default: {default})",
+                            **flag)
     return parser
 
 
@@ -264,7 +273,11 @@ def plot_history(history: list[dict[str, Any]], path: str | os.PathLike) -> Path
 def main(argv: list[str] | None = None) -> int:
     config, model_cfg, data_cfg, args = resolve(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
+    if config.fsdp and "WORLD_SIZE" not in os.environ and not dist.is_initialized():
+        raise SystemExit("--fsdp shards the model over the processes torchrun starts: run "
+                         "torchrun --nproc_per_node N -m llama_from_scratch.pretrain --fsdp ... "
+                         "(N = 1 gives one-rank FSDP2), or drop --fsdp to train in this one process")
+    if (world_size > 1 or config.fsdp) and not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and config.device in ("auto", "cuda")
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -299,7 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(model, train_blocks, val_blocks, config, tokenizer=tokenizer)
         if rank == 0:
             print(f"model: {model.num_parameters():,} parameters; train blocks {tuple(train_blocks.shape)}, "
-                  f"val blocks {tuple(val_blocks.shape)}; world size {trainer.world_size}; device {trainer.device}; "
+                  f"val blocks {tuple(val_blocks.shape)}; world size {trainer.world_size} "
+                  f"({PARALLELISM[trainer.parallelism]}); device {trainer.device}; "
                   f"{'bf16 autocast' if trainer.use_bf16 else 'fp32'}", flush=True)
         if args.resume:
             if resume_from is not None:

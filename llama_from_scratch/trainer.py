@@ -1,5 +1,6 @@
 """The pretraining loop (chapter 8): accumulation, clipping, schedule, mixed precision, evaluation,
-samples, checkpoints that resume the exact same run, and DistributedDataParallel.
+samples, checkpoints that resume the exact same run, DistributedDataParallel, and FSDP2
+(``TrainConfig.fsdp``, chapter 15).
 
 One optimizer step ("step") is ``grad_accum_steps`` micro-batches of ``batch_size`` blocks per
 process; with ``W`` processes the global batch is ``batch_size * grad_accum_steps * W`` blocks.
@@ -49,6 +50,8 @@ from llama_from_scratch.loss import cross_entropy
 from llama_from_scratch.model import Llama
 from llama_from_scratch.optim import (AdamW, GaLoreAdamW, clip_grad_norm, cosine_schedule, galore_param_groups,
                                       weight_decay_groups)
+from llama_from_scratch.parallel.torch_native import (fsdp2_llama, full_state_dicts, full_tensor, gradient_sync,
+                                                     load_full_state_dicts)
 
 __all__ = [
     "TrainConfig",
@@ -110,6 +113,10 @@ class TrainConfig:
         peak_flops: the hardware's peak FLOP/s (e.g. 989e12 for an H100's bf16 dense); when set the
             history reports model FLOPs utilization (MFU).
         progress: show a tqdm bar (rank 0 only).
+        fsdp: shard weights, gradients and AdamW state over the processes with PyTorch's FSDP2
+            (fully_shard on every block, then on the whole model) instead of replicating them with
+            DistributedDataParallel; the steps are the same. Needs torch.distributed initialized
+            (torchrun); a group of one process runs as one-rank FSDP2. Optimizer adamw only.
     """
 
     max_steps: int = 1000
@@ -140,6 +147,7 @@ class TrainConfig:
     galore_scale: float = 0.25
     peak_flops: float | None = None
     progress: bool = True
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -159,6 +167,9 @@ class TrainConfig:
             raise ValueError(f"dtype must be 'auto', 'bf16' or 'fp32', got {self.dtype!r}")
         if self.optimizer not in ("adamw", "galore"):
             raise ValueError(f"optimizer must be 'adamw' or 'galore', got {self.optimizer!r}")
+        if self.fsdp and self.optimizer != "adamw":
+            raise ValueError("fsdp needs optimizer 'adamw': GaLore projects whole gradient matrices, and under "
+                             "FSDP2 each rank holds only a slice of each")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -240,13 +251,13 @@ def _model_config_dict(model: nn.Module) -> dict[str, Any] | None:
     return config.to_dict() if hasattr(config, "to_dict") else None
 
 
-def _dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _dedup_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state dict with every shared tensor stored once (safetensors refuses aliases), and
     the aliases ``{dropped_name: kept_name}`` to restore them."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for name, t in model.state_dict().items():
+    for name, t in state_dict.items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
         if t.numel() > 0 and key in seen:
             aliases[name] = seen[key]
@@ -303,10 +314,17 @@ def _clean_stale_saves(folder: Path) -> None:
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     step: int = 0, train_config: TrainConfig | None = None,
-                    history: list[dict] | None = None, extra: dict[str, Any] | None = None) -> Path:
+                    history: list[dict] | None = None, extra: dict[str, Any] | None = None,
+                    model_state: dict[str, torch.Tensor] | None = None,
+                    optimizer_state: dict[str, Any] | None = None) -> Path:
     """Writes a checkpoint folder at ``path`` atomically (temp folder in the same parent, then
     rename; an existing checkpoint there is replaced only once the new one is complete). Leftovers
-    of earlier saves killed midway in the same directory are removed first."""
+    of earlier saves killed midway in the same directory are removed first.
+
+    ``model_state`` / ``optimizer_state`` replace ``model.state_dict()`` / ``optimizer.state_dict()``:
+    a sharded (FSDP2) run passes the whole state gathered from its ranks
+    (:func:`~llama_from_scratch.parallel.torch_native.full_state_dicts`), so it writes the folder one
+    process would."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -316,14 +334,15 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     old = None
     try:
-        tensors, aliases = _dedup_state_dict(model)
+        tensors, aliases = _dedup_state_dict(model.state_dict() if model_state is None else model_state)
         checksums = {name: _tensor_sha256(t) for name, t in tensors.items()}
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "aliases": json.dumps(aliases),
                                                              "sha256": json.dumps(checksums)})
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": int(step),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "optimizer": (optimizer.state_dict() if optimizer_state is None else optimizer_state)
+            if optimizer is not None else None,
             "rng": _rng_state(),
             "history": list(history or []),
             "extra": extra or {},
@@ -418,7 +437,7 @@ def _check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer, where: 
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    restore_rng: bool = True) -> dict[str, Any]:
+                    restore_rng: bool = True, sharded: bool = False) -> dict[str, Any]:
     """Loads a checkpoint folder into ``model`` (and ``optimizer``), restores the RNG states and
     returns ``{"step", "history", "train_config", "extra"}``.
 
@@ -427,6 +446,10 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     (step, configs, optimizer hyperparameters). Raises :class:`CheckpointError` naming the problem
     for a missing folder or file, a corrupt (truncated, altered) file, or a checkpoint made for a
     different model shape or optimizer; no other exception escapes for a bad checkpoint.
+
+    ``sharded=True``: ``model`` is sharded with FSDP2 and ``optimizer`` steps its shards; every rank
+    reads the whole checkpoint and keeps its own shard
+    (:func:`~llama_from_scratch.parallel.torch_native.load_full_state_dicts`, a collective).
     """
     from safetensors import safe_open
 
@@ -510,14 +533,17 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     try:
         if restore_rng:
             _set_rng_state(state["rng"])
-        if optimizer is not None:
+        if sharded:
+            load_full_state_dicts(model, optimizer, tensors, state["optimizer"] if optimizer is not None else None)
+        elif optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
     except Exception as e:
         _set_rng_state(rng_before)
         raise CheckpointError(f"checkpoint {path}: the optimizer or RNG state does not fit "
                               f"({type(e).__name__}: {e})") from None
-    with torch.no_grad():
-        model.load_state_dict(tensors, strict=True)
+    if not sharded:
+        with torch.no_grad():
+            model.load_state_dict(tensors, strict=True)
     return {"step": state["step"], "history": state["history"], "extra": state["extra"],
             "train_config": train_config}
 
@@ -563,7 +589,10 @@ class Trainer:
     the prompt and the padding, which the loss skips).
     Under ``torchrun`` (``torch.distributed`` initialized before the Trainer is built) the model is
     wrapped in ``DistributedDataParallel`` and each process takes its slice of every global batch;
-    only rank 0 prints, samples and saves.
+    only rank 0 prints, samples and saves. With ``config.fsdp`` the model is sharded with FSDP2
+    instead (:func:`~llama_from_scratch.parallel.torch_native.fsdp2_llama`): the same steps, each
+    rank holding ``1 / world_size`` of the weights, gradients and AdamW state; checkpoints gather
+    the whole state and are the folders one process writes.
 
     ``trainer.train()`` runs to ``config.max_steps`` (``train(steps=k)`` runs ``k`` more) and
     returns ``trainer.history``: one dict per step with ``step`` (0-based), ``lr``, ``train_loss``,
@@ -592,34 +621,60 @@ class Trainer:
         self.use_bf16 = config.dtype == "bf16" or (config.dtype == "auto" and device.type == "cuda"
                                                    and supports_bf16(device))
 
-        self.model = model.to(device)
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            device_ids = [device.index] if device.type == "cuda" else None
-            self.ddp_model = DDP(self.model, device_ids=device_ids)
-        else:
-            self.ddp_model = self.model
-
         self.train_data = _as_dataset(train_data)
         self.val_data = _as_dataset(val_data)
         if self.train_data is None or len(self.train_data) == 0:
             raise ValueError("train_data is empty")
         self.block_size = self.train_data.block_size
+
+        self.model = model.to(device)
+        self.flops_per_token = (estimate_flops_per_token(self.model, self.block_size)
+                                if hasattr(self.model, "config") and hasattr(self.model.config, "n_layers")
+                                else None)
+        # ddp_model is what the training step calls: DDP's wrapper, or the model itself (one
+        # process, or FSDP2, which shards the model in place).
+        if config.fsdp:
+            self.parallelism = "fsdp2"
+            self.model = self.ddp_model = self._shard_fsdp2(self.model)
+        elif self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.parallelism = "ddp"
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.ddp_model = DDP(self.model, device_ids=device_ids)
+        else:
+            self.parallelism = "none"
+            self.ddp_model = self.model
+
         self.sampler = StepSampler(len(self.train_data), config.batch_size, seed=config.seed, rank=self.rank,
                                    world_size=self.world_size)
         self.optimizer = self._build_optimizer()
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.samples: list[dict[str, Any]] = []
-        self.flops_per_token = (estimate_flops_per_token(self.model, self.block_size)
-                                if hasattr(self.model, "config") and hasattr(self.model.config, "n_layers")
-                                else None)
 
     # ----- setup ----------------------------------------------------------------------------
 
+    def _shard_fsdp2(self, model: nn.Module) -> nn.Module:
+        """``model`` sharded in place with FSDP2 over all processes of the group."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if not self.distributed:
+            raise ValueError("TrainConfig.fsdp shards the model over the processes of a torch.distributed group, "
+                             "and none is initialized: launch with torchrun (torchrun --nproc_per_node N -m "
+                             "llama_from_scratch.pretrain --fsdp ...) or call dist.init_process_group first")
+        if not isinstance(model, Llama):
+            raise ValueError(f"TrainConfig.fsdp shards a Llama block by block; got a {type(model).__name__}")
+        return fsdp2_llama(model, init_device_mesh(self.device.type, (self.world_size,)))
+
     def _build_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
+        if c.fsdp:
+            # torch's AdamW, which steps DTensor shards; ours is equal to it step for step (chapter 8,
+            # same state_dict layout, so checkpoints move between the two), but its tiled update
+            # writes into plain-tensor scratch buffers, which DTensor arithmetic refuses to mix in.
+            return torch.optim.AdamW(weight_decay_groups(self.model, c.weight_decay), lr=c.max_lr, betas=c.betas,
+                                     eps=c.eps, weight_decay=c.weight_decay)
         if c.optimizer == "galore":
             groups = galore_param_groups(self.model, rank=c.galore_rank, update_proj_gap=c.galore_update_proj_gap,
                                          scale=c.galore_scale, weight_decay=c.weight_decay)
@@ -629,6 +684,15 @@ class Trainer:
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    def _gradient_sync(self, enabled: bool):
+        """Gradients are averaged over the processes only on the last micro-batch of a step (DDP's
+        ``no_sync``, FSDP2's ``set_requires_gradient_sync``); the others accumulate locally."""
+        if self.parallelism == "fsdp2":
+            return gradient_sync(self.ddp_model, enabled)
+        if self.parallelism == "ddp" and not enabled:
+            return self.ddp_model.no_sync()
+        return contextlib.nullcontext()
 
     def _all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -670,9 +734,7 @@ class Trainer:
             x, y = x.to(self.device), y.to(self.device)
             tokens += x.numel() * self.world_size
             last = micro == c.grad_accum_steps - 1
-            # Under DDP, gradients are all-reduced only on the last micro-batch of the step.
-            sync = contextlib.nullcontext() if last or self.world_size == 1 else self.ddp_model.no_sync()
-            with sync:
+            with self._gradient_sync(last):
                 loss = self._loss(self.ddp_model, x, y)
                 (loss / c.grad_accum_steps).backward()
             total += loss.detach() / c.grad_accum_steps
@@ -681,7 +743,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(f"training diverged: loss is {train_loss} at step {step}", step)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = clip_grad_norm(params, c.grad_clip if c.grad_clip else float("inf")).item()
+        grad_norm = clip_grad_norm(params, c.grad_clip if c.grad_clip else float("inf"))
+        grad_norm = full_tensor(grad_norm).item()  # under FSDP2 a DTensor (the norm over all shards)
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise TrainingDiverged(f"training diverged: gradient norm is {grad_norm} at step {step}", step)
@@ -753,11 +816,14 @@ class Trainer:
                 done = self.step
                 if c.eval_interval and (done % c.eval_interval == 0 or done == c.max_steps):
                     record["val_loss"] = self.evaluate()
-                if (c.sample_interval and self.tokenizer is not None and self.is_main
+                # Under FSDP2 every rank samples (each forward gathers the weights from all of
+                # them; the seeded generator makes the ranks agree); rank 0 keeps and prints it.
+                if (c.sample_interval and self.tokenizer is not None and (self.is_main or c.fsdp)
                         and (done % c.sample_interval == 0 or done == c.max_steps)):
                     text = self.sample()
-                    self.samples.append({"step": record["step"], "text": text})
-                    bar.write(f"[step {record['step']}] {text!r}")
+                    if self.is_main:
+                        self.samples.append({"step": record["step"], "text": text})
+                        bar.write(f"[step {record['step']}] {text!r}")
                 if c.checkpoint_dir and ((c.checkpoint_interval and done % c.checkpoint_interval == 0)
                                          or done == c.max_steps):
                     self.save_checkpoint()
@@ -774,14 +840,19 @@ class Trainer:
 
     def save_checkpoint(self, path: str | os.PathLike | None = None) -> Path | None:
         """Saves to ``path`` (default ``checkpoint_dir/step_XXXXXX``); only rank 0 writes, the
-        others wait for it. Returns the folder (None on other ranks)."""
+        others wait for it (under FSDP2 they first send it their shards). Returns the folder (None
+        on other ranks)."""
         if path is None:
             if not self.config.checkpoint_dir:
                 raise ValueError("no path given and config.checkpoint_dir is not set")
             path = Path(self.config.checkpoint_dir) / f"step_{self.step:06d}"
         saved = None
+        model_state = optimizer_state = None
+        if self.parallelism == "fsdp2":
+            model_state, optimizer_state = full_state_dicts(self.model, self.optimizer)  # every rank takes part
         if self.is_main:
-            saved = save_checkpoint(path, self.model, self.optimizer, self.step, self.config, self.history)
+            saved = save_checkpoint(path, self.model, self.optimizer, self.step, self.config, self.history,
+                                    model_state=model_state, optimizer_state=optimizer_state)
         if self.world_size > 1:
             dist.barrier()
         return saved
@@ -800,7 +871,7 @@ class Trainer:
                 if saved.get(name) != getattr(self.config, name):
                     raise CheckpointError(f"checkpoint {path} was made with {name}={saved.get(name)!r}, "
                                           f"this run has {name}={getattr(self.config, name)!r}")
-        info = load_checkpoint(path, self.model, self.optimizer)
+        info = load_checkpoint(path, self.model, self.optimizer, sharded=self.parallelism == "fsdp2")
         self.step = info["step"]
         self.history = list(info["history"])
         return self.step
