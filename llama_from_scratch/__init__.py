@@ -125,6 +125,12 @@ from llama_from_scratch.quantization import (
     quantize_model_nf4,
     quantize_nf4,
 )
+from llama_from_scratch.asymmetric_quantization import (
+    AsymmetricQuantized,
+    asymmetric_params,
+    dequantize_asymmetric,
+    quantize_asymmetric,
+)
 
 # --- Chapters 12-13: reward modelling, PPO and DPO ---
 from llama_from_scratch.reward import RewardModel, last_token_index, pairwise_accuracy, reward_loss
