@@ -19,8 +19,6 @@ MACHINE_PATH = re.compile(r"(/work/|/root/|/home/|/tmp/)")
 REPO_PATH = re.compile(r"\b((?:docs|data|tools|benchmarks|tests|chapters|solutions|exercises|llama_from_scratch)"
                        r"/[\w./-]*\w\.(?:md|py|ipynb|json|jsonl|gz|csv|toml|yml))\b")
 BARE_DOC = re.compile(r"(?<![\w/.-])([A-Z][A-Z_]+\.md)\b")
-# Chapter 13 was executed with its figures lost; it is re-executed with the rework of its DPO part.
-FIGURES_NOT_YET_RESTORED = {"chapters/13_rlhf_ppo_dpo.ipynb"}
 
 
 def _cells(path: Path) -> list[dict]:
@@ -35,20 +33,13 @@ def _name(path: Path) -> str:
     return path.relative_to(REPO).as_posix()
 
 
-def _figure_params():
-    for path in NOTEBOOKS:
-        marks = [pytest.mark.xfail(strict=True, reason="its figures are restored when the chapter is re-executed")] \
-            if _name(path) in FIGURES_NOT_YET_RESTORED else []
-        yield pytest.param(path, id=_name(path), marks=marks)
-
-
 def test_the_checks_see_the_notebooks() -> None:
     assert len(NOTEBOOKS) >= 27
     drawing = [p for p in NOTEBOOKS for c in _cells(p) if c["cell_type"] == "code" and DRAWS.search(_code(c))]
     assert len(drawing) >= 20   # the detector finds the book's plots
 
 
-@pytest.mark.parametrize("path", list(_figure_params()))
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_name)
 def test_every_cell_that_draws_holds_its_image(path: Path) -> None:
     missing = [i for i, c in enumerate(_cells(path)) if c["cell_type"] == "code" and DRAWS.search(_code(c))
                and not any("image/png" in o.get("data", {}) for o in c.get("outputs", []))]
