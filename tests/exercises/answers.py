@@ -103,11 +103,12 @@ def edited_solution_tests(checks: dict, namespace, wrap):
     ``new``) or stubbed, ``namespace()`` the solution's. Returns ``run(name, ns)`` (the check on
     ``wrap(ns[name])``), ``fails(name, old, new)``, ``test_solution_passes`` and ``test_stub_fails``."""
     def run(name: str, ns: dict) -> None:
-        checks[name](wrap(ns[name]))
+        return checks[name](wrap(ns[name]))          # a check returns None when the answer passes
 
-    def fails_edited(name: str, old: str, new: str) -> None:
-        with pytest.raises(FAILS):
+    def fails_edited(name: str, old: str, new: str) -> str:
+        with pytest.raises(FAILS) as failure:
             run(name, namespace(name, old, new))
+        return str(failure.value) or type(failure.value).__name__   # the check's reason
 
     @pytest.mark.parametrize("name", list(checks))
     def test_solution_passes(name):

@@ -44,11 +44,11 @@ def _mask_variant(**changes):
 
 @pytest.mark.parametrize("change", ["top_left", "window_off_by_one", "pad_queries", "no_padding", "no_head_dim"])
 def test_attention_mask_4d_wrong(change):
-    fails("attention_mask_4d", _mask_variant(**{change: True}))
+    assert fails("attention_mask_4d", _mask_variant(**{change: True}))
 
 
 def test_attention_mask_4d_right_variant_passes():
-    CHECKS["attention_mask_4d"](_mask_variant())
+    assert CHECKS["attention_mask_4d"](_mask_variant()) is None
 
 
 def test_attention_mask_4d_other_form_passes():
@@ -58,7 +58,7 @@ def test_attention_mask_4d_other_form_passes():
         window = s if sliding_window is None else sliding_window
         allowed = (distance >= 0) & (distance < window)
         return torch.logical_and(allowed.unsqueeze(0), padding_mask.unsqueeze(1).ne(0)).unsqueeze(1)
-    CHECKS["attention_mask_4d"](attention_mask_4d)
+    assert CHECKS["attention_mask_4d"](attention_mask_4d) is None
 
 
 # ----- flash_attention ----------------------------------------------------------------------------
@@ -97,11 +97,11 @@ def _flash_variant(**changes):
 @pytest.mark.parametrize("change", ["scale_by_d", "top_left", "drop_remainder", "no_max", "no_rescale",
                                     "lse_without_max"])
 def test_flash_attention_wrong(change):
-    fails("flash_attention", _flash_variant(**{change: True}))
+    assert fails("flash_attention", _flash_variant(**{change: True}))
 
 
 def test_flash_attention_right_variant_passes():
-    CHECKS["flash_attention"](_flash_variant())
+    assert CHECKS["flash_attention"](_flash_variant()) is None
 
 
 def test_flash_attention_other_form_passes():
@@ -123,7 +123,7 @@ def test_flash_attention_other_form_passes():
             p = torch.exp(block_scores(st) - m)
             l, acc = l + p.sum(-1, keepdim=True), acc + p @ v[..., st:st + block_size, :]
         return acc / l, (m + l.log()).squeeze(-1)
-    CHECKS["flash_attention"](flash_attention)
+    assert CHECKS["flash_attention"](flash_attention) is None
 
 
 # ----- GQAttention --------------------------------------------------------------------------------
@@ -193,11 +193,11 @@ def make_gqa(**changes):
 @pytest.mark.parametrize("change", ["cache_in_state_dict", "no_key_padding", "positions_restart",
                                     "tiled_heads", "top_left", "nan_rows"])
 def test_gqattention_wrong(change):
-    fails("GQAttention", make_gqa(**{change: True}))
+    assert fails("GQAttention", make_gqa(**{change: True}))
 
 
 def test_gqattention_right_variant_passes():
-    CHECKS["GQAttention"](make_gqa())
+    assert CHECKS["GQAttention"](make_gqa()) is None
 
 
 def test_gqattention_other_form_passes():
@@ -250,4 +250,4 @@ def test_gqattention_other_form_passes():
             weights = torch.softmax(q @ k.transpose(-2, -1) * self.d ** -0.5 + bias, dim=-1)
             return self.o_proj((weights @ v).transpose(1, 2).reshape(b, t, self.h * self.d))
 
-    CHECKS["GQAttention"](GQAttention)
+    assert CHECKS["GQAttention"](GQAttention) is None

@@ -68,7 +68,7 @@ QUANTIZE_WRONG = {
 
 @pytest.mark.parametrize("wrong", list(QUANTIZE_WRONG))
 def test_quantize_4bit_wrong(wrong):
-    fails("quantize_4bit", *QUANTIZE_WRONG[wrong])
+    assert fails("quantize_4bit", *QUANTIZE_WRONG[wrong])
 
 
 def test_quantize_4bit_other_form_passes():
@@ -76,9 +76,10 @@ def test_quantize_4bit_other_form_passes():
     ns = namespace("quantize_4bit",
                    "codes = torch.bucketize(scaled.clamp(-1, 1), (code[:-1] + code[1:]) / 2).to(torch.uint8)",
                    "codes = (scaled.clamp(-1, 1)[:, None] > (code[:-1] + code[1:]) / 2).sum(dim=1).to(torch.uint8)")
-    run("quantize_4bit", ns)
-    run("quantize_4bit", namespace("quantize_4bit", "((codes[0::2] << 4) | codes[1::2])[:, None]",
-                                   "((codes.view(-1, 2)[:, 0] << 4) | codes.view(-1, 2)[:, 1])[:, None]"))
+    assert run("quantize_4bit", ns) is None
+    packed_by_view = namespace("quantize_4bit", "((codes[0::2] << 4) | codes[1::2])[:, None]",
+                               "((codes.view(-1, 2)[:, 0] << 4) | codes.view(-1, 2)[:, 1])[:, None]")
+    assert run("quantize_4bit", packed_by_view) is None
 
 
 # ----- LinearNF4 ----------------------------------------------------------------------------------
