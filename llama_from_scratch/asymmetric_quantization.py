@@ -43,9 +43,10 @@ from typing import NamedTuple
 
 import torch
 
+from llama_from_scratch.quantization import _FLOAT_DTYPES, _num_blocks
+
 __all__ = ["AsymmetricQuantized", "asymmetric_params", "dequantize_asymmetric", "quantize_asymmetric"]
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _EPS = torch.finfo(torch.float32).eps  # the scale floor of torch's observers
 
 
@@ -119,7 +120,7 @@ def quantize_asymmetric(x: torch.Tensor, bits: int = 4, block_size: int = 64) ->
     _check_args(bits, block_size)
     flat = x.detach().reshape(-1).float()
     n = flat.numel()
-    n_blocks = -(-n // block_size)
+    n_blocks = _num_blocks(n, block_size)
     if n == 0:
         return AsymmetricQuantized(torch.zeros(x.shape, dtype=torch.uint8, device=x.device),
                                    torch.zeros(0, device=x.device), torch.zeros(0, dtype=torch.int32, device=x.device),
@@ -145,7 +146,7 @@ def dequantize_asymmetric(quantized: AsymmetricQuantized) -> torch.Tensor:
     codes, scale, zero_point, bits, block_size, dtype = quantized
     _check_args(bits, block_size)
     n = codes.numel()
-    n_blocks = -(-n // block_size)
+    n_blocks = _num_blocks(n, block_size)
     if scale.numel() != n_blocks or zero_point.numel() != n_blocks:
         raise ValueError(f"{n} codes in blocks of {block_size} need {n_blocks} scales and zero points, "
                          f"got {scale.numel()} and {zero_point.numel()}")
