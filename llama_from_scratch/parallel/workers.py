@@ -170,23 +170,27 @@ def pipeline(rank: int, world_size: int, config: dict, batch: int, seq_len: int,
 
 def checkpointing_cost(config: dict, batch: int, seq_lens: list[int], repeats: int) -> list[dict[str, float]]:
     """One process: activation bytes kept from forward to backward, and the fastest of
-    ``repeats`` timed forward + backward passes (after one untimed warm-up pass; the fastest is the
-    run least disturbed by other work on the machine), with and without activation checkpointing,
-    at each sequence length."""
+    ``repeats`` timed forward + backward passes, with and without activation checkpointing, at each
+    sequence length.
+
+    The two models (same weights) take turns, one pass each, after one untimed warm-up pass each:
+    whatever else the machine does then slows both alike, and the fastest pass is the one least
+    disturbed."""
     rows = []
     for seq_len in seq_lens:
         x, y = make_batches(config, 1, batch, seq_len)[0]
-        for enabled in (False, True):
-            model = checkpoint_blocks(make_model(config), enabled)
-            saved = saved_activation_bytes(model, lambda: model(x, targets=y))
-            times = []
-            for _ in range(repeats + 1):
+        models = {enabled: checkpoint_blocks(make_model(config), enabled) for enabled in (False, True)}
+        saved = {enabled: saved_activation_bytes(m, lambda m=m: m(x, targets=y)) for enabled, m in models.items()}
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(repeats + 1):
+            for enabled, model in models.items():
                 model.zero_grad()
                 start = time.perf_counter()
                 model(x, targets=y).backward()
-                times.append(time.perf_counter() - start)
-            rows.append({"seq_len": seq_len, "checkpointing": enabled, "saved_bytes": saved,
-                         "seconds": min(times[1:])})  # times[0] was the warm-up
+                times[enabled].append(time.perf_counter() - start)
+        for enabled in (False, True):
+            rows.append({"seq_len": seq_len, "checkpointing": enabled, "saved_bytes": saved[enabled],
+                         "seconds": min(times[enabled][1:])})  # the first pass was the warm-up
     return rows
 
 
