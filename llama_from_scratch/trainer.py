@@ -316,7 +316,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
                     step: int = 0, train_config: TrainConfig | None = None,
                     history: list[dict] | None = None, extra: dict[str, Any] | None = None,
                     model_state: dict[str, torch.Tensor] | None = None,
-                    optimizer_state: dict[str, Any] | None = None) -> Path:
+                    optimizer_state: dict[str, Any] | None = None, world_size: int = 1) -> Path:
     """Writes a checkpoint folder at ``path`` atomically (temp folder in the same parent, then
     rename; an existing checkpoint there is replaced only once the new one is complete). Leftovers
     of earlier saves killed midway in the same directory are removed first.
@@ -324,7 +324,8 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     ``model_state`` / ``optimizer_state`` replace ``model.state_dict()`` / ``optimizer.state_dict()``:
     a sharded (FSDP2) run passes the whole state gathered from its ranks
     (:func:`~llama_from_scratch.parallel.torch_native.full_state_dicts`), so it writes the folder one
-    process would."""
+    process would. ``world_size`` is the number of processes that trained (recorded so that a run
+    with another number of processes can check it sees the same global batch)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -350,7 +351,7 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
         }
         torch.save(state, tmp / STATE_FILE)
         config = {"format": CHECKPOINT_FORMAT, "step": int(step),
-                  "train": train_config.to_dict() if train_config is not None else None,
+                  "train": train_config.to_dict() if train_config is not None else None, "world_size": int(world_size),
                   "model": _model_config_dict(model),
                   "optimizer_class": type(optimizer).__name__ if optimizer is not None else None,
                   "sha256": {name: _file_sha256(tmp / name) for name in (MODEL_FILE, STATE_FILE)}}
@@ -852,25 +853,37 @@ class Trainer:
             model_state, optimizer_state = full_state_dicts(self.model, self.optimizer)  # every rank takes part
         if self.is_main:
             saved = save_checkpoint(path, self.model, self.optimizer, self.step, self.config, self.history,
-                                    model_state=model_state, optimizer_state=optimizer_state)
+                                    model_state=model_state, optimizer_state=optimizer_state,
+                                    world_size=self.world_size)
         if self.world_size > 1:
             dist.barrier()
         return saved
 
     def load_checkpoint(self, path: str | os.PathLike) -> int:
         """Restores model, optimizer, step, history and RNG states from ``path`` so that
-        :meth:`train` continues the exact same run. Returns the step."""
+        :meth:`train` continues the exact same run. Returns the step.
+
+        The number of processes may differ from the run that saved (a checkpoint holds the whole
+        model, however many ranks wrote it) as long as the global batch, ``batch_size`` times the
+        number of processes, is the same: every step then sees the same blocks."""
         try:
-            saved = _read_checkpoint_config(Path(path)).get("train")
+            written = _read_checkpoint_config(Path(path))
+            saved, saved_world = written.get("train"), written.get("world_size", 1)
         except (OSError, CheckpointError):
             saved = None  # load_checkpoint below reports what is wrong with the folder
         if saved is not None:
             # These decide which data each step sees and what the optimizer state means: a
             # different value would not continue the same run. (max_steps may change.)
-            for name in ("optimizer", "batch_size", "grad_accum_steps", "seed"):
+            for name in ("optimizer", "grad_accum_steps", "seed"):
                 if saved.get(name) != getattr(self.config, name):
                     raise CheckpointError(f"checkpoint {path} was made with {name}={saved.get(name)!r}, "
                                           f"this run has {name}={getattr(self.config, name)!r}")
+            saved_batch = saved.get("batch_size")
+            if not (_is_int(saved_world) and _is_int(saved_batch)) or \
+                    saved_batch * saved_world != self.config.batch_size * self.world_size:
+                raise CheckpointError(f"checkpoint {path} was made with a global batch of batch_size="
+                                      f"{saved.get('batch_size')!r} x {saved_world!r} processes, this run has "
+                                      f"batch_size={self.config.batch_size} x {self.world_size} processes")
         info = load_checkpoint(path, self.model, self.optimizer, sharded=self.parallelism == "fsdp2")
         self.step = info["step"]
         self.history = list(info["history"])

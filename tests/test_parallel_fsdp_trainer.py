@@ -11,6 +11,9 @@
 * An FSDP2 run stopped after ``N`` steps, saved, and continued by a new ``Trainer`` from the
   checkpoint takes exactly the steps of the run that went ``2N`` steps straight: losses, gradient
   norms and final weights bit for bit (``rtol=0, atol=0``).
+* Across world sizes: the one-process run's checkpoint, resumed on 2 FSDP2 ranks, and the FSDP2
+  run's checkpoint, resumed by one process with the global batch, both continue as the
+  uninterrupted runs do (losses to ``TOL``, weights to the weights' tolerance).
 * The checkpoint an FSDP2 run writes is the folder one process writes: the same tensor names (a
   tied weight stored once), the same weights and AdamW moments as the one-process run's at the same
   step (to the weights' tolerance), and the single-process ``load_checkpoint`` reads it.
@@ -78,7 +81,7 @@ def losses(history: list[dict]) -> dict[str, torch.Tensor]:
             for key in ("train_loss", "grad_norm", "val_loss")}
 
 
-def fsdp_trainer_worker(rank: int, world_size: int, folder: str) -> dict[str, object]:
+def fsdp_trainer_worker(rank: int, world_size: int, folder: str, one_process_checkpoint: str) -> dict[str, object]:
     train, val = blocks(), blocks()[:8]
     # Sampling at the last step: every rank runs the forward passes (they gather the shards), rank 0 keeps it.
     straight = Trainer(fresh_model(), train, val, config(sample_interval=2 * N, sample_prompt="ab", sample_tokens=8),
@@ -92,16 +95,19 @@ def fsdp_trainer_worker(rank: int, world_size: int, folder: str) -> dict[str, ob
     resumed = Trainer(other_model(), train, val, config())  # (other_model also moves the RNG on)
     resumed.load_checkpoint(f"{folder}/step_{N:06d}")
     resumed.train()
+    from_one = Trainer(other_model(), train, val, config())  # a 1-process checkpoint, continued on 2 ranks
+    from_one.load_checkpoint(one_process_checkpoint)
+    from_one.train()
     return {"straight": straight.history, "straight_weights": weights(straight), "resumed": resumed.history,
-            "resumed_weights": weights(resumed), "saved": str(saved) if saved else None,
+            "resumed_weights": weights(resumed), "from_one": from_one.history, "from_one_weights": weights(from_one),
+            "saved": str(saved) if saved else None,
             "parallelism": straight.parallelism, "samples": straight.samples}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, object]:
-    """One start of 2 processes for the whole file, and the one-process run with the global batch."""
-    folder = tmp_path_factory.mktemp("fsdp_ckpt")
-    ranks = run_on_processes(fsdp_trainer_worker, WORLD, str(folder))
+    """The one-process run with the global batch, one start of 2 processes for the whole file, and
+    one process resuming the FSDP2 run's checkpoint."""
     one = Trainer(fresh_model(), blocks(), blocks()[:8],
                   config(fsdp=False, batch_size=2 * WORLD, checkpoint_dir=str(tmp_path_factory.mktemp("one"))),
                   tokenizer=DigitTokenizer())
@@ -109,7 +115,12 @@ def runs(tmp_path_factory) -> dict[str, object]:
     one_ckpt = one.save_checkpoint()
     one.train()
     one.sampled = one.sample("ab", 8)
-    return {"ranks": ranks, "one": one, "one_ckpt": one_ckpt, "folder": folder}
+    folder = tmp_path_factory.mktemp("fsdp_ckpt")
+    ranks = run_on_processes(fsdp_trainer_worker, WORLD, str(folder), str(one_ckpt))
+    from_fsdp = Trainer(other_model(), blocks(), blocks()[:8], config(fsdp=False, batch_size=2 * WORLD))
+    from_fsdp.load_checkpoint(folder / f"step_{N:06d}")
+    from_fsdp.train()
+    return {"ranks": ranks, "one": one, "one_ckpt": one_ckpt, "folder": folder, "from_fsdp": from_fsdp}
 
 
 def test_fsdp2_trainer_equals_one_process_with_the_global_batch(runs):
@@ -140,6 +151,23 @@ def test_fsdp2_trainer_resumes_exactly_from_a_checkpoint(runs):
         for name, value in res["straight_weights"].items():
             torch.testing.assert_close(res["resumed_weights"][name], value, **EXACT, msg=f"rank {rank} {name}")
     assert runs["ranks"][0]["saved"] is not None and runs["ranks"][1]["saved"] is None  # rank 0 writes
+
+
+def test_checkpoints_resume_across_world_sizes(runs):
+    """2 ranks -> 1 process and 1 process -> 2 ranks continue as the uninterrupted runs do."""
+    one = runs["one"]
+    expected, expected_weights = losses(one.history), {n: p.detach() for n, p in one.model.named_parameters()}
+    continued = {"FSDP2 checkpoint resumed by one process": (runs["from_fsdp"].history,
+                                                              dict(runs["from_fsdp"].model.named_parameters()))}
+    for rank, res in enumerate(runs["ranks"]):
+        continued[f"one-process checkpoint resumed on 2 ranks (rank {rank})"] = (res["from_one"], res["from_one_weights"])
+    for name, (history, trained) in continued.items():
+        assert len(history) == 2 * N, name
+        got = losses(history)
+        for key in expected:
+            torch.testing.assert_close(got[key][N:], expected[key][N:], **TOL, equal_nan=True, msg=f"{name} {key}")
+        for param, value in expected_weights.items():
+            torch.testing.assert_close(trained[param].detach(), value, **WEIGHTS_TOL, msg=f"{name} {param}")
 
 
 def test_fsdp2_checkpoint_is_the_one_process_folder(runs):
