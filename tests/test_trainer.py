@@ -150,6 +150,10 @@ def test_checkpoint_errors_are_clear(blocks, tmp_path):
         fresh(dim=64, hidden_dim=96).load_checkpoint(good)
     with pytest.raises(CheckpointError, match="optimizer"):
         Trainer(make_model(), train_blocks, None, config(max_steps=1, optimizer="galore")).load_checkpoint(good)
+    # another global batch (batch_size x processes) would train on other blocks: refused, saying both
+    with pytest.raises(CheckpointError, match=r"global batch of batch_size=4 x 1 processes, this run has batch_size=2 x 1"):
+        Trainer(make_model(), train_blocks, None, config(max_steps=1, batch_size=2)).load_checkpoint(good)
+    assert json.loads((good / "config.json").read_text())["world_size"] == 1
 
     import shutil
 
