@@ -82,6 +82,10 @@ class AdamW(torch.optim.Optimizer):
 
     ``tile_size`` (elements) only changes speed, not results: on a CPU each parameter is updated
     a tile at a time, so that the update runs in cache (see :func:`_adamw_update_`).
+
+    Sharded parameters (``DTensor``, e.g. FSDP2's, chapter 15) are updated shard by shard: every
+    line of the update is elementwise, so each rank updating its own piece of ``p``, ``g``, ``m``
+    and ``v`` is the whole update, and the state stays sharded as the parameter is.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -110,8 +114,22 @@ class AdamW(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                _adamw_update_(p, p.grad, state, lr, beta1, beta2, eps, wd, self.tile_size, self._scratch)
+                if _is_dtensor(p):  # this rank's shard of everything (see the class docstring)
+                    if p.grad.placements != p.placements:
+                        raise ValueError(f"a DTensor parameter placed {p.placements} has a gradient placed "
+                                         f"{p.grad.placements}: AdamW updates matching shards only")
+                    local = {"step": state["step"], "exp_avg": state["exp_avg"].to_local(),
+                             "exp_avg_sq": state["exp_avg_sq"].to_local()}
+                    _adamw_update_(p.to_local(), p.grad.to_local(), local, lr, beta1, beta2, eps, wd,
+                                   self.tile_size, self._scratch)
+                else:
+                    _adamw_update_(p, p.grad, state, lr, beta1, beta2, eps, wd, self.tile_size, self._scratch)
         return loss
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (a tensor sharded over ranks)."""
+    return callable(getattr(t, "to_local", None)) and hasattr(t, "placements")
 
 
 def _check_tile_size(tile_size: int) -> int:

@@ -670,16 +670,11 @@ class Trainer:
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         c = self.config
-        if c.fsdp:
-            # torch's AdamW, which steps DTensor shards; ours is equal to it step for step (chapter 8,
-            # same state_dict layout, so checkpoints move between the two), but its tiled update
-            # writes into plain-tensor scratch buffers, which DTensor arithmetic refuses to mix in.
-            return torch.optim.AdamW(weight_decay_groups(self.model, c.weight_decay), lr=c.max_lr, betas=c.betas,
-                                     eps=c.eps, weight_decay=c.weight_decay)
         if c.optimizer == "galore":
             groups = galore_param_groups(self.model, rank=c.galore_rank, update_proj_gap=c.galore_update_proj_gap,
                                          scale=c.galore_scale, weight_decay=c.weight_decay)
             return GaLoreAdamW(groups, lr=c.max_lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+        # Under FSDP2 the parameters are DTensor shards, and AdamW updates each rank's shard.
         return AdamW(weight_decay_groups(self.model, c.weight_decay), lr=c.max_lr, betas=c.betas, eps=c.eps,
                      weight_decay=c.weight_decay)
 
