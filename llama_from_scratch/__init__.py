@@ -108,6 +108,15 @@ from llama_from_scratch.self_instruct import filter_instruction, load_seed_tasks
 
 # --- Chapters 10-11: LoRA, NF4 quantization and QLoRA ---
 from llama_from_scratch.lora import LoRALinear, apply_lora, count_parameters, lora_parameters, merge_lora
+from llama_from_scratch.prompt_tuning import (
+    PrefixCache,
+    PrefixEncoder,
+    PrefixTuning,
+    PromptEmbedding,
+    PromptEncoder,
+    PromptTuning,
+    PTuning,
+)
 from llama_from_scratch.quantization import (
     NF4_BLOCKSIZES,
     NF4_CODE,

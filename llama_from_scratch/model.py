@@ -114,17 +114,24 @@ class LlamaBackbone(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | None,
         start_pos: int = 0,
         kv_cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """See :meth:`Llama.forward`; returns the final hidden states instead of logits."""
-        self._check_inputs(input_ids, start_pos, kv_cache)
-        seq_len = input_ids.shape[1]
-        position_ids, mask = self._positions_and_mask(input_ids, start_pos, kv_cache, attention_mask, position_ids)
-        h = self.embed_tokens(input_ids)
+        """See :meth:`Llama.forward`; returns the final hidden states instead of logits.
+
+        ``inputs_embeds`` (``[B, T, dim]``), given instead of ``input_ids`` (then ``None``), are
+        the vectors the blocks start from in place of ``embed_tokens(input_ids)``: prompt tuning
+        and P-tuning (:mod:`~llama_from_scratch.prompt_tuning`) prepend learned vectors that are
+        no token's embedding.
+        """
+        self._check_inputs(input_ids, inputs_embeds, start_pos, kv_cache)
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        seq_len = h.shape[1]
+        position_ids, mask = self._positions_and_mask(h, start_pos, kv_cache, attention_mask, position_ids)
         rope = self.rope_for(start_pos, seq_len, position_ids, h.dtype)  # looked up once, for every layer
         for layer in self.layers:
             h = layer(h, rope, start_pos=start_pos, kv_cache=kv_cache, attention_mask=mask)
@@ -132,15 +139,29 @@ class LlamaBackbone(nn.Module):
 
     # ----- the helpers of forward ---------------------------------------------------------------
 
-    def _check_inputs(self, input_ids: torch.Tensor, start_pos: int, kv_cache: KVCache | None) -> None:
-        """``input_ids`` a non-empty ``[B, T]`` integer tensor that fits in the context from
-        ``start_pos``; a ``kv_cache`` shaped for this model and batch."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a [batch, seq_len] tensor, got {shape}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise TypeError(f"input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
-        bsz, seq_len = input_ids.shape
+    def _check_inputs(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, start_pos: int,
+        kv_cache: KVCache | None,
+    ) -> None:
+        """Exactly one of ``input_ids`` (a ``[B, T]`` integer tensor) and ``inputs_embeds`` (a
+        ``[B, T, dim]`` float tensor), non-empty and fitting in the context from ``start_pos``; a
+        ``kv_cache`` shaped for this model and batch."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+                raise TypeError("inputs_embeds must be a float tensor [batch, seq_len, dim]")
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.dim:
+                raise ValueError(f"inputs_embeds must be [batch, seq_len, {self.config.dim}], "
+                                 f"got {tuple(inputs_embeds.shape)}")
+            bsz, seq_len = inputs_embeds.shape[:2]
+        else:
+            if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+                shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+                raise ValueError(f"input_ids must be a [batch, seq_len] tensor, got {shape}")
+            if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+                raise TypeError(f"input_ids must be an integer tensor (token ids), got {input_ids.dtype}")
+            bsz, seq_len = input_ids.shape
         if seq_len == 0:
             raise ValueError("input_ids is empty (seq_len 0)")
         if start_pos < 0:
@@ -159,7 +180,7 @@ class LlamaBackbone(nn.Module):
 
     def _positions_and_mask(
         self,
-        input_ids: torch.Tensor,
+        h: torch.Tensor,
         start_pos: int,
         kv_cache: KVCache | None,
         attention_mask: torch.Tensor | None,
@@ -169,8 +190,8 @@ class LlamaBackbone(nn.Module):
         blocks get: explicit ``position_ids`` checked; a 2-D padding mask checked, turned into
         positions counted over real tokens (:func:`_padding_positions`) unless ``position_ids`` are
         given, and into a ``[B, 1, T, S]`` causal-and-padding mask built once for all layers; a
-        4-D mask (or None) passed on as is."""
-        bsz, seq_len = input_ids.shape
+        4-D mask (or None) passed on as is. ``h`` is the blocks' input ``[B, T, dim]``."""
+        bsz, seq_len = h.shape[:2]
         if position_ids is not None:
             position_ids = self._check_position_ids(position_ids, seq_len)
         if attention_mask is None or attention_mask.dim() != 2:
