@@ -105,6 +105,14 @@ from llama_from_scratch.instruct import (
     SFTBlocks,
 )
 from llama_from_scratch.self_instruct import filter_instruction, load_seed_tasks, rouge_l, self_instruct, smollm2_generator
+from llama_from_scratch.conversations import (
+    ConversationDataset,
+    check_conversation,
+    few_shot_messages,
+    load_conversations,
+    render_conversation,
+    tokenize_conversation,
+)
 
 # --- Chapters 10-11: LoRA, NF4 quantization and QLoRA ---
 from llama_from_scratch.lora import LoRALinear, apply_lora, count_parameters, lora_parameters, merge_lora

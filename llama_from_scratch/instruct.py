@@ -267,7 +267,10 @@ def instruction_collate(batch: Sequence[Mapping[str, Any]], pad_token_id: int, i
     """Pads a list of :class:`InstructionDataset` items into a training batch (right padding).
 
     Args:
-        batch: items ``{"input_ids": 1-D ids (list or LongTensor), "prompt_length": int}``.
+        batch: items ``{"input_ids": 1-D ids (list or LongTensor), "prompt_length": int}``, or
+            items that carry their own ``"labels"`` (same length as the ids, ``ignore_index`` where
+            not trained: the multi-turn items of
+            :class:`~llama_from_scratch.conversations.ConversationDataset`).
         pad_token_id: the id written into padded positions (its value never decides a label).
         ignore_index: the label of positions the loss skips.
         mask_prompt: also give the prompt tokens ``ignore_index`` (train on the response only).
@@ -276,7 +279,8 @@ def instruction_collate(batch: Sequence[Mapping[str, Any]], pad_token_id: int, i
     Returns ``{"input_ids", "labels", "attention_mask"}``, each ``LongTensor [B, T]`` with ``T``
     the longest (cut) sequence: ``attention_mask`` is 1 on real tokens, 0 on padding; ``labels``
     equal ``input_ids`` except ``ignore_index`` on padding and, when ``mask_prompt``, on the first
-    ``prompt_length`` tokens of each row. Labels are unshifted (see the module docstring).
+    ``prompt_length`` tokens of each row (for items with ``"labels"``: those labels, when
+    ``mask_prompt``). Labels are unshifted (see the module docstring).
     Raises ``ValueError`` for an empty batch, an empty sequence, a ``prompt_length`` outside
     ``[0, len]``, or a bad ``max_length``; ``TypeError`` for non-integer ids.
     """
@@ -288,6 +292,7 @@ def instruction_collate(batch: Sequence[Mapping[str, Any]], pad_token_id: int, i
         raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
     rows: list[torch.Tensor] = []
     prompt_lengths: list[int] = []
+    own_labels: list[torch.Tensor | None] = []
     for i, item in enumerate(batch):
         ids = item["input_ids"]
         ids = ids if isinstance(ids, torch.Tensor) else torch.tensor(list(ids), dtype=torch.long)
@@ -295,22 +300,32 @@ def instruction_collate(batch: Sequence[Mapping[str, Any]], pad_token_id: int, i
             raise TypeError(f"example {i}: input_ids must be 1-D integer ids, got {ids.dtype} of shape {tuple(ids.shape)}")
         if ids.numel() == 0:
             raise ValueError(f"example {i} has no tokens")
+        own = item.get("labels")
+        if own is not None:
+            own = own if isinstance(own, torch.Tensor) else torch.tensor(list(own), dtype=torch.long)
+            if own.shape != ids.shape:
+                raise ValueError(f"example {i}: labels of shape {tuple(own.shape)} for input_ids of shape {tuple(ids.shape)}")
         p = item.get("prompt_length", 0)
         if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= ids.numel():
             raise ValueError(f"example {i}: prompt_length must be an int in [0, {ids.numel()}], got {p!r}")
         if max_length is not None:
             ids = ids[:max_length]
+            own = None if own is None else own[:max_length]
         rows.append(ids.long())
+        own_labels.append(None if own is None else own.long())
         prompt_lengths.append(min(p, ids.numel()))
     T = max(r.numel() for r in rows)
     B = len(rows)
     input_ids = torch.full((B, T), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((B, T), dtype=torch.long)
     labels = torch.full((B, T), ignore_index, dtype=torch.long)
-    for i, (ids, p) in enumerate(zip(rows, prompt_lengths)):
+    for i, (ids, p, own) in enumerate(zip(rows, prompt_lengths, own_labels)):
         n = ids.numel()
         input_ids[i, :n] = ids
         attention_mask[i, :n] = 1
+        if own is not None and mask_prompt:
+            labels[i, :n] = own
+            continue
         start = p if mask_prompt else 0
         labels[i, start:n] = ids[start:]
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
@@ -333,13 +348,15 @@ class SFTBlocks:
     :class:`InstructionDataset` so that each batch is :func:`instruction_collate` (right padding,
     prompt masking) followed by :func:`shift_for_trainer`: the Trainer then does supervised
     fine-tuning with everything it already has (accumulation, clipping, schedule, bf16, eval,
-    checkpoints, DDP), and its loss equals :func:`sft_loss` on the same batch.
+    checkpoints, DDP), and its loss equals :func:`sft_loss` on the same batch. A
+    :class:`~llama_from_scratch.conversations.ConversationDataset` (multi-turn items with their
+    own labels, loss on the assistant turns) is wrapped the same way.
 
     ``block_size`` is the longest ``x`` a batch can have (the longest example minus one); batches
     are padded only to their own longest example.
     """
 
-    def __init__(self, dataset: InstructionDataset, pad_token_id: int, mask_prompt: bool = True,
+    def __init__(self, dataset: Any, pad_token_id: int, mask_prompt: bool = True,
                  ignore_index: int = -100) -> None:
         if len(dataset) == 0:
             raise ValueError("the instruction dataset is empty (every example was skipped?)")
