@@ -151,6 +151,12 @@ from llama_from_scratch.asymmetric_quantization import (
 
 # --- Chapters 12-13: reward modelling, PPO and DPO ---
 from llama_from_scratch.reward import RewardModel, last_token_index, pairwise_accuracy, reward_loss
+from llama_from_scratch.reward_variants import (
+    LLAMA2_SAFETY_THRESHOLD,
+    llama2_combined_reward,
+    ranking_loss,
+    score_regression_loss,
+)
 from llama_from_scratch.ppo import (
     AdaptiveKLController,
     FixedKLController,
