@@ -154,3 +154,107 @@ def test_qlora_step_own_loss_passes():
         "logits = model(input_ids=input_ids).logits.float()\n"
         "    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), "
         "ignore_index=-100)"))
+
+
+# ----- quantize_asymmetric and dequantize_asymmetric ----------------------------------------------
+
+
+def solution_body(name: str) -> str:
+    """The code between the solution markers of exercise ``name`` (to replace as a whole)."""
+    (source,) = [s for s in CELLS if _exercise(s) == name]
+    return source.split("### BEGIN SOLUTION\n")[1].split("    ### END SOLUTION")[0]
+
+ASYMMETRIC_WRONG = {
+    "zero point not rounded (truncated)": ("zero_point = torch.round(-lo / scale).clamp(0, top)",
+                                           "zero_point = (-lo / scale).clamp(0, top).floor()"),
+    "zero point left unrounded": ("zero_point = torch.round(-lo / scale).clamp(0, top)",
+                                  "zero_point = (-lo / scale).clamp(0, top)"),
+    "scale from absmax (symmetric)": ("scale = torch.maximum((hi - lo) / top,",
+                                      "scale = torch.maximum(2 * torch.maximum(hi, -lo) / top,"),
+    "2**bits levels instead of 2**bits - 1": ("scale = torch.maximum((hi - lo) / top,",
+                                              "scale = torch.maximum((hi - lo) / 2 ** bits,"),
+    "range not stretched to include 0": (
+        "lo = torch.minimum(groups.amin(dim=-1), torch.zeros(()))\n"
+        "    hi = torch.maximum(groups.amax(dim=-1), torch.zeros(()))",
+        "lo = groups.amin(dim=-1)\n    hi = groups.amax(dim=-1)"),
+    "rounded after adding the zero point": (
+        "q = torch.round(groups * (1 / scale)[..., None]) + zero_point[..., None]",
+        "q = torch.round(groups * (1 / scale)[..., None] + zero_point[..., None])"),
+    "codes not clamped": ("codes = q.clamp(0, top).to(torch.uint8)", "codes = q.to(torch.uint8)"),
+    "divided by the scale": ("q = torch.round(groups * (1 / scale)[..., None])",
+                             "q = torch.round(groups / scale[..., None])"),
+    "scale not floored (all-zero groups)": (
+        "scale = torch.maximum((hi - lo) / top, torch.tensor(torch.finfo(torch.float32).eps))",
+        "scale = (hi - lo) / top"),
+    "groups across rows (flattened blocks)": (
+        "groups = torch.cat([rows, rows[:, -1:].expand(n_rows, pad)], dim=1).reshape(n_rows, n_groups, size)",
+        "flat = rows.reshape(-1)\n"
+        "    flat = torch.cat([flat, flat[-1:].expand(n_rows * n_groups * size - flat.numel())])\n"
+        "    groups = flat.reshape(n_rows, n_groups, size)"),
+    "scale multiplied by 1 / L": ("scale = torch.maximum((hi - lo) / top,", "scale = torch.maximum((hi - lo) * (1 / top),"),
+}
+
+
+@pytest.mark.parametrize("wrong", list(ASYMMETRIC_WRONG))
+def test_quantize_asymmetric_wrong(wrong):
+    assert fails("quantize_asymmetric", *ASYMMETRIC_WRONG[wrong])
+
+
+def test_quantize_asymmetric_other_forms_pass():
+    # a loop over each row's groups (torch.split), with PyTorch's own form of the zero point
+    looped = namespace("quantize_asymmetric", solution_body("quantize_asymmetric"), """    top = 2 ** bits - 1
+    rows = x.detach().to(torch.float32).flatten(0, -2) if x.dim() > 1 else x.detach().to(torch.float32)[None]
+    size = rows.shape[1] if group_size is None else group_size
+    codes, scales, zeros = [], [], []
+    for row in rows:
+        row_codes, row_scales, row_zeros = [], [], []
+        for group in torch.split(row, size):
+            lo, hi = min(group.min(), torch.tensor(0.0)), max(group.max(), torch.tensor(0.0))
+            scale = ((hi - lo) / float(top)).clamp(min=torch.finfo(torch.float32).eps)
+            zero = torch.clamp(0 - torch.round(lo / scale), 0, top)
+            row_codes.append(torch.clamp(torch.round(group * (1.0 / scale)) + zero, 0, top))
+            row_scales.append(scale)
+            row_zeros.append(zero)
+        codes.append(torch.cat(row_codes))
+        scales.append(torch.stack(row_scales))
+        zeros.append(torch.stack(row_zeros))
+    shape = (*x.shape[:-1], -1)
+    return (torch.stack(codes).to(torch.uint8).reshape(x.shape), torch.stack(scales).reshape(shape),
+            torch.stack(zeros).to(torch.int32).reshape(shape))
+""")
+    assert run("quantize_asymmetric", looped) is None
+    # codes clamped with torch.where
+    where = namespace("quantize_asymmetric", "codes = q.clamp(0, top).to(torch.uint8)",
+                      "codes = torch.where(q < 0, 0.0, torch.where(q > top, float(top), q)).to(torch.uint8)")
+    assert run("quantize_asymmetric", where) is None
+
+
+DEQUANTIZE_WRONG = {
+    "zero point not subtracted": ("(codes.float() - per_value_zero.float()) * per_value_scale",
+                                  "codes.float() * per_value_scale"),
+    "codes * scale - zero_point * scale": ("(codes.float() - per_value_zero.float()) * per_value_scale",
+                                           "codes.float() * per_value_scale - per_value_zero.float() * per_value_scale"),
+    "groups tiled, not repeated": ("scale.repeat_interleave(size, dim=-1)[..., :width]",
+                                   "scale.repeat(*[1] * (scale.dim() - 1), size)[..., :width]"),
+    "zero points tiled, not repeated": ("zero_point.repeat_interleave(size, dim=-1)[..., :width]",
+                                        "zero_point.repeat(*[1] * (zero_point.dim() - 1), size)[..., :width]"),
+    "subtracted in uint8 (wraps around)": ("(codes.float() - per_value_zero.float()) * per_value_scale",
+                                           "(codes - per_value_zero.to(torch.uint8)).float() * per_value_scale"),
+}
+
+
+@pytest.mark.parametrize("wrong", list(DEQUANTIZE_WRONG))
+def test_dequantize_asymmetric_wrong(wrong):
+    assert fails("dequantize_asymmetric", *DEQUANTIZE_WRONG[wrong])
+
+
+def test_dequantize_asymmetric_other_form_passes():
+    # the codes padded to whole groups and broadcast against [..., n_groups, 1] parameters
+    broadcast = namespace("dequantize_asymmetric", solution_body("dequantize_asymmetric"), """    width = codes.shape[-1]
+    n_groups = scale.shape[-1]
+    size = width if group_size is None else min(group_size, width)
+    padded = F.pad(codes.to(torch.int32), (0, n_groups * size - width)).unflatten(-1, (n_groups, size))
+    values = (padded - zero_point[..., None]).to(torch.float32) * scale[..., None]
+    return values.flatten(-2)[..., :width]
+""")
+    assert run("dequantize_asymmetric", broadcast) is None

@@ -1,4 +1,5 @@
-"""Checks for the exercises of chapter 11 (NF4, FP4 and QLoRA), against bitsandbytes and PEFT.
+"""Checks for the exercises of chapter 11 (NF4, FP4 and QLoRA), against bitsandbytes and PEFT, and
+of its asymmetric (zero-point) quantization, against PyTorch's affine quantization (section 4 below).
 
 What bitsandbytes 0.50 does on a CPU, measured for these checks:
 
@@ -44,16 +45,31 @@ from llama_from_scratch.course.checks.common import (
     as_tensor,
     assert_close,
     assert_equal,
+    call_answer,
     fresh_generator,
     fresh_rng,
     quiet_transformers,
     value_and_grad,
 )
 
+# PyTorch's own affine quantization, the reference of exercise 4 (and torchao, built on it)
+_TORCH_QUANTIZATION = [
+    "torch.ao", "torch.quantization", "torch.nn.quantized", "torchao", "torch.quantize_per_channel",
+    "torch.quantize_per_tensor", "torch.quantize_per_tensor_dynamic", "torch.fake_quantize_per_channel_affine",
+    "torch.fake_quantize_per_tensor_affine", "torch._fake_quantize_learnable_per_channel_affine",
+    "torch._fake_quantize_learnable_per_tensor_affine", "torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams",
+    "torch.fused_moving_avg_obs_fake_quant", "torch._fused_moving_avg_obs_fq_helper",
+    "torch._make_per_channel_quantized_tensor", "torch._make_per_tensor_quantized_tensor", "torch.dequantize",
+    "torch.Tensor.dequantize", "torch.Tensor.int_repr", "torch.choose_qparams_optimized",
+    "torch._choose_qparams_per_tensor",
+]
+
 FORBIDDEN = {
     "quantize_4bit": ["bitsandbytes"],
     "LinearNF4": ["bitsandbytes"],
     "qlora_step": ["bitsandbytes", "peft"],
+    "quantize_asymmetric": _TORCH_QUANTIZATION,
+    "dequantize_asymmetric": _TORCH_QUANTIZATION,
 }
 
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -387,8 +403,221 @@ def check_qlora_step(fn: Callable) -> None:
                 assert_close(mine[name], ref, f"{what}: {part}[{name!r}]", **tol, hint=hint)
 
 
+# ----- 4. asymmetric (zero-point) quantization, against PyTorch -----------------------------------
+#
+# PyTorch's affine quantization is the reference: ``PerChannelMinMaxObserver`` (quant_min 0,
+# quant_max 2**bits - 1) for the scales and zero points, ``fake_quantize_per_channel_affine`` for the
+# codes (it rounds x * (1 / scale) first and then adds the zero point; ``quantize_per_channel``'s
+# quint8 tensors round after adding it, which moves exact ties by one code: the exercise follows
+# the fake quantization, as chapter 11 does) and the ``dequantize()`` of a per-channel quantized
+# tensor for the way back. Each group of ``group_size`` values along the last dimension (the last
+# group of a row possibly shorter) is one of PyTorch's channels: the grader cuts the groups, PyTorch
+# quantizes them.
+
+
+def _torch_minmax(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(float32 scales, int32 zero points, uint8 codes) of the rows of ``groups`` ``[n, size]`` (float32),
+    by PyTorch's min-max observer and ``fake_quantize_per_channel_affine``."""
+    from torch.ao.quantization.observer import PerChannelMinMaxObserver
+
+    top = 2 ** bits - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # torch.jit notices from the observer's class
+        observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.quint8, qscheme=torch.per_channel_affine,
+                                            quant_min=0, quant_max=top)
+    observer(groups)
+    scale, zero_point = observer.calculate_qparams()
+    zero_point = zero_point.to(torch.int32)
+    x_hat = torch.fake_quantize_per_channel_affine(groups, scale, zero_point, 0, 0, top)
+    # x_hat = (q - z) * scale with |q - z| <= 255: dividing back lands within 3e-5 of the integer q - z
+    codes = torch.round(x_hat / scale[:, None]) + zero_point[:, None]
+    assert bool(((codes >= 0) & (codes <= top)).all()), "internal: codes outside [0, 2**bits - 1]"
+    assert torch.equal((codes - zero_point[:, None]) * scale[:, None], x_hat), "internal: codes do not give x_hat"
+    return scale, zero_point, codes.to(torch.uint8)
+
+
+def _group_layout(shape: tuple[int, ...], group_size: int | None) -> tuple[int, int, int, int]:
+    """(rows, width, size, full): the tensor as rows of its last dimension, groups of ``size``, ``full``
+    columns in whole groups."""
+    width = shape[-1]
+    rows = math.prod(shape[:-1])
+    size = width if group_size is None else min(group_size, width)
+    return rows, width, size, width // size * size
+
+
+def _reference_asymmetric(x: torch.Tensor, bits: int,
+                          group_size: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch's codes (x's shape), scales and zero points (``[*x.shape[:-1], n_groups]``) of ``x``."""
+    rows, width, size, full = _group_layout(tuple(x.shape), group_size)
+    flat = x.detach().float().reshape(rows, width)
+    parts = []
+    if full:
+        scale, zero_point, codes = _torch_minmax(flat[:, :full].reshape(-1, size), bits)
+        parts.append((scale.view(rows, -1), zero_point.view(rows, -1), codes.view(rows, full)))
+    if full < width:   # each row's last, shorter group: one more channel per row
+        parts.append(tuple(t.view(rows, -1) for t in _torch_minmax(flat[:, full:].contiguous(), bits)))
+    scale, zero_point, codes = (torch.cat(ts, dim=1) for ts in zip(*parts))
+    lead = tuple(x.shape[:-1])
+    return codes.reshape(x.shape), scale.reshape(*lead, -1), zero_point.reshape(*lead, -1)
+
+
+def _half_step_rows(rng: random.Random, bits: int, n_rows: int, width: int) -> torch.Tensor:
+    """Rows whose values sit exactly halfway between two levels (scale a power of two, so x / scale is
+    exact): half the rows have an odd zero point (rounding before or after adding it then differs
+    on every value), half a range of -(k + 1/2) to 2**bits - 3/2 - k steps with k odd (the top value's
+    code is 2**bits unless clamped)."""
+    top = 2 ** bits - 1
+    out = []
+    for i in range(n_rows):
+        step = 2.0 ** -rng.randrange(3, 10)
+        if i % 2 == 0:
+            z = rng.randrange(1, top, 2)                       # odd, so lo = -z steps exactly
+            lo, hi = -z * step, (top - z) * step
+        else:
+            k = rng.randrange(1, top - 1, 2)                   # odd: the zero point round(k + 1/2) = k + 1
+            lo, hi = -(k + 0.5) * step, (top - k - 0.5) * step
+        halves = [(j + 0.5) * step for j in range(math.ceil(lo / step), math.floor(hi / step))]
+        values = [lo, hi] + [rng.choice(halves) for _ in range(width - 2)]
+        rng.shuffle(values)
+        out.append(values)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _reciprocal_rows(rng: random.Random, gen: torch.Generator, bits: int, n_rows: int, width: int) -> torch.Tensor:
+    """Rows holding values where multiplying by the float32 reciprocal 1 / scale (as PyTorch does) and
+    dividing by the scale round to different codes (found here, among float32 neighbours of the
+    half-steps)."""
+    top = 2 ** bits - 1
+    out = []
+    while len(out) < n_rows:
+        lo, hi = torch.tensor(-rng.uniform(0.05, 2.0)), torch.tensor(rng.uniform(0.05, 2.0))
+        scale = (hi - lo) / top
+        centres = (torch.arange(-top, top + 1, dtype=torch.float32) + 0.5) * scale
+        candidates = (centres[:, None] + centres[:, None].abs() * torch.arange(-4, 5) * 2.0 ** -24).reshape(-1)
+        candidates = candidates[(candidates > lo) & (candidates < hi)]
+        apart = candidates[torch.round(candidates * (1 / scale)) != torch.round(candidates / scale)]
+        if apart.numel() < 2:
+            continue
+        picked = apart[torch.randint(0, apart.numel(), (width // 2,), generator=gen)]
+        filler = torch.empty(width - 2 - picked.numel()).uniform_(float(lo), float(hi), generator=gen)
+        row = torch.cat([torch.stack([lo, hi]), picked, filler])
+        out.append(row[torch.randperm(width, generator=gen)])
+    return torch.stack(out)
+
+
+def _asymmetric_cases(rng: random.Random, gen: torch.Generator) -> list[tuple[torch.Tensor, int, int | None, str]]:
+    """(x, bits, group_size, description): random weights and activations, odd sizes, every float dtype,
+    lopsided and one-signed rows, all-zero and constant groups, and values on exact ties."""
+    cases = []
+    for bits in (4, 8, rng.choice([2, 3, 5, 6, 7])):
+        rows, width = rng.randrange(2, 12), rng.randrange(20, 300) | 1
+        group_size = rng.choice([16, 32, 48, 64, 128])
+        x = torch.randn(rows, width, generator=gen) * rng.choice([0.02, 1.0, 30.0])
+        x[0] = x[0].abs() + rng.uniform(0.0, 0.5)                 # all positive: the range must reach down to 0
+        x[1] = -x[1].abs() - rng.uniform(0.0, 0.5)                # all negative
+        x[2:] += torch.randn(rows - 2, 1, generator=gen) * x.std()  # rows shifted off 0
+        cases.append((x, bits, group_size, f"{bits}-bit, weights [{rows}, {width}] with one-signed and shifted rows"))
+    for dtype in (torch.bfloat16, torch.float16):
+        x = F.silu(torch.randn(rng.randrange(1, 5), rng.randrange(1, 6), rng.randrange(10, 140), generator=gen) * 3)
+        cases.append((x.to(dtype), rng.choice([4, 8]), rng.choice([32, 64]),
+                      f"SiLU activations {dtype} of shape {tuple(x.shape)}"))
+    x = torch.randn(rng.randrange(20, 60), rng.randrange(20, 90) | 1, generator=gen).T + 0.7
+    cases.append((x, rng.choice([4, 8]), None, f"per channel (group_size=None), a transposed view of shape "
+                  f"{tuple(x.shape)}"))
+    n = rng.randrange(100, 1000) | 1
+    cases.append((torch.randn(n, generator=gen) * 0.1 + 0.05, rng.choice([4, 8]), 64, f"a 1-D tensor of {n} values"))
+    x = torch.randn(rng.randrange(2, 6), rng.randrange(3, 40), generator=gen)
+    cases.append((x, rng.choice([3, 4, 8]), x.shape[1] + rng.randrange(0, 50),
+                  f"group_size >= the row length {x.shape[1]}"))
+    x = torch.randn(6, 3 * 32 + rng.randrange(1, 32), generator=gen)
+    x[:, 32:64] = 0.0                                             # whole groups of zeros: scale floored at eps
+    x[0, 64:96] = rng.uniform(0.1, 3.0)                           # a constant positive group
+    x[1, 64:96] = -rng.uniform(0.1, 3.0)                          # a constant negative group
+    x[2, 96:] = 0.0                                               # a short last group of zeros
+    cases.append((x, rng.choice([4, 8]), 32, f"shape {tuple(x.shape)} with all-zero and constant groups"))
+    for bits in (4, 8):
+        width = rng.randrange(20, 70)
+        cases.append((_half_step_rows(rng, bits, 8, width), bits, None,
+                      f"{bits}-bit, 8 rows of {width} values exactly halfway between two levels"))
+        cases.append((_reciprocal_rows(rng, gen, bits, 4, width), bits, None,
+                      f"{bits}-bit, 4 rows of {width} values where x * (1 / scale) and x / scale round apart"))
+    rng.shuffle(cases)
+    return cases
+
+
+_CODES_HINT = ("the codes differ from PyTorch's fake_quantize_per_channel_affine: per group, "
+               "q = clamp(round(x * (1 / scale)) + zero_point, 0, 2**bits - 1) with the float32 reciprocal, rounding "
+               "half to even BEFORE adding the zero point, each group along the last dimension of its own row")
+_SCALE_HINT = ("scale = (hi - lo) / (2**bits - 1) in float32, where lo = min(min(group), 0) and hi = max(max(group), 0) "
+               "(the range stretched to contain 0), floored at torch.finfo(torch.float32).eps; groups of group_size "
+               "values along the last dimension, the last group of a row possibly shorter")
+
+
+def check_quantize_asymmetric(fn: Callable) -> None:
+    rng, gen = fresh_rng(), fresh_generator()
+    for x, bits, group_size, desc in _asymmetric_cases(rng, gen):
+        what = f"quantize_asymmetric({desc}, bits={bits}, group_size={group_size})"
+        original = x.clone()
+        expected_codes, expected_scale, expected_zero = _reference_asymmetric(x, bits, group_size)
+        got = call_answer(fn, what, x, bits=bits, group_size=group_size)
+        if not (isinstance(got, tuple) and len(got) == 3):
+            raise AssertionError(f"{what}: return a tuple (codes, scale, zero_point), got {type(got).__name__}")
+        codes, scale, zero_point = (as_tensor(t, f"{what}: {n}") for t, n in zip(got, ("codes", "scale", "zero_point")))
+        if not torch.equal(x, original):
+            raise AssertionError(f"{what}: the input was modified")
+        for value, name, dtype in ((codes, "codes", torch.uint8), (scale, "scale", torch.float32),
+                                   (zero_point, "zero_point", torch.int32)):
+            if value.dtype != dtype:
+                raise AssertionError(f"{what}: {name} must be {dtype}, got {value.dtype}")
+        assert_equal(scale, expected_scale, f"{what}: scale", hint=_SCALE_HINT + "; one per group: shape "
+                     "[*x.shape[:-1], ceil(x.shape[-1] / group_size)]")
+        assert_equal(zero_point, expected_zero, f"{what}: zero_point",
+                     hint="zero_point = round(-lo / scale) (a division, rounded half to even) clamped to "
+                     "[0, 2**bits - 1]: the integer code that stands for 0")
+        assert_equal(codes, expected_codes, f"{what}: codes", hint=_CODES_HINT)
+
+
+def check_dequantize_asymmetric(fn: Callable) -> None:
+    rng, gen = fresh_rng(), fresh_generator()
+    cases = [(rng.randrange(1, 9), rng.randrange(10, 300) | 1, rng.choice([16, 32, 64, 128]), 4),
+             (rng.randrange(1, 9), rng.randrange(10, 300), rng.choice([32, 64]), 8),
+             (rng.randrange(1, 9), rng.randrange(10, 300), None, rng.choice([2, 3, 5, 6, 7, 8])),
+             (1, rng.randrange(10, 300) | 1, 64, rng.choice([4, 8])),
+             (rng.randrange(1, 9), rng.randrange(3, 40), 64, 4)]      # group_size larger than the rows
+    for rows, width, group_size, bits in cases:
+        top = 2 ** bits - 1
+        lead = (2, rows // 2) if rows % 2 == 0 and rng.random() < 0.5 else () if rows == 1 else (rows,)
+        _, _, size, full = _group_layout((rows, width), group_size)
+        n_groups = -(-width // size)
+        codes = torch.randint(0, top + 1, (*lead, width), generator=gen).to(torch.uint8)
+        scale = torch.exp(torch.randn(*lead, n_groups, generator=gen)) * rng.choice([1e-3, 0.05, 2.0])
+        zero_point = torch.randint(0, top + 1, (*lead, n_groups), generator=gen).to(torch.int32)
+        what = (f"dequantize_asymmetric(codes of shape {tuple(codes.shape)}, {bits}-bit, group_size={group_size}, "
+                f"scale and zero_point of shape {tuple(scale.shape)})")
+        flat_codes, flat_scale, flat_zero = codes.reshape(rows, width), scale.reshape(rows, -1), zero_point.reshape(rows, -1)
+        parts = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # PyTorch's quantized tensors are deprecated; their arithmetic is not
+            if full:
+                q = torch._make_per_channel_quantized_tensor(flat_codes[:, :full].reshape(-1, size),
+                                                             flat_scale[:, :full // size].reshape(-1).double(),
+                                                             flat_zero[:, :full // size].reshape(-1).long(), 0)
+                parts.append(q.dequantize().reshape(rows, full))
+            if full < width:
+                q = torch._make_per_channel_quantized_tensor(flat_codes[:, full:].contiguous(),
+                                                             flat_scale[:, -1].double(), flat_zero[:, -1].long(), 0)
+                parts.append(q.dequantize())
+        expected = torch.cat(parts, dim=1).reshape(codes.shape)
+        got = call_answer(fn, what, codes.clone(), scale.clone(), zero_point.clone(), group_size=group_size)
+        assert_close(got, expected, f"{what}: values", rtol=0, atol=0, check_dtype=True,
+                     hint="float32 (codes - zero_point) * scale, subtracting first (codes * scale - zero_point * scale "
+                     "rounds twice), each value with the scale and zero point of its own group of its own row")
+
+
 CHECKS = {
     "quantize_4bit": check_quantize_4bit,
     "LinearNF4": check_linear_nf4,
     "qlora_step": check_qlora_step,
+    "quantize_asymmetric": check_quantize_asymmetric,
+    "dequantize_asymmetric": check_dequantize_asymmetric,
 }
