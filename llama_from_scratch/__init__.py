@@ -78,6 +78,13 @@ from llama_from_scratch.data import (
     synthetic_corpus,
     train_val_split,
 )
+from llama_from_scratch.packing import (
+    document_attention_inputs,
+    document_causal_mask,
+    document_ids_from_eos,
+    document_position_ids,
+    pack_documents,
+)
 from llama_from_scratch.trainer import (
     CheckpointError,
     TrainConfig,

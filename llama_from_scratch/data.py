@@ -6,7 +6,8 @@ followed by an end-of-sequence token into one long stream, and cut the stream in
 ``block_size + 1`` tokens. Block ``i`` gives the input ``x = block[:-1]`` and the targets
 ``y = block[1:]`` (each position predicts the token after it). No padding is wasted; the EOS
 token teaches the model where documents end. (Attention still crosses document boundaries inside
-a block, as in GPT-2 / nanoGPT / LLaMA pretraining; the EOS tells the model the context changed.)
+a block, as in GPT-2 / nanoGPT; the EOS tells the model the context changed. Llama 3 masks attention
+across documents instead: :mod:`~llama_from_scratch.packing`.)
 
 Data order is a pure function of ``(seed, step)`` (:class:`StepSampler`), so a resumed run sees
 exactly the batches it would have seen, and ``world_size`` processes each take their slice of the

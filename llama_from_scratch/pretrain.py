@@ -1,6 +1,7 @@
 """Command-line pretraining, single process or distributed (chapter 8).
 
     python -m llama_from_scratch.pretrain --synthetic --max_steps 200
+    python -m llama_from_scratch.pretrain --synthetic --max_steps 200 --document_mask   # Llama 3's document mask
     python -m llama_from_scratch.pretrain --config run.json --data stories.txt --tokenizer smollm2
     torchrun --nproc_per_node 2 -m llama_from_scratch.pretrain --config run.json --batch_size 4
     torchrun --nproc_per_node 2 -m llama_from_scratch.pretrain --config run.json --fsdp
@@ -204,6 +205,14 @@ def build_model_config(model_cfg: dict) -> LlamaConfig:
     return LlamaConfig(**base)
 
 
+def data_eos_token_id(data_cfg: dict, model_config: LlamaConfig, tokenizer) -> int | None:
+    """The token that ends each document: the synthetic corpus's last id, else the tokenizer's EOS
+    (None without a tokenizer: documents of token files are then packed without a separator)."""
+    if data_cfg.get("synthetic"):
+        return model_config.vocab_size - 1
+    return getattr(tokenizer, "eos_token_id", None)
+
+
 def load_data(data_cfg: dict, model_config: LlamaConfig, seed: int):
     """``(train_blocks, val_blocks, tokenizer)`` from the data settings."""
     tokenizer = None
@@ -213,10 +222,8 @@ def load_data(data_cfg: dict, model_config: LlamaConfig, seed: int):
         tokenizer = load_tokenizer(data_cfg["tokenizer"])
     if data_cfg.get("synthetic"):
         docs = synthetic_corpus(num_docs=400, vocab_size=model_config.vocab_size, seed=seed)
-        eos = model_config.vocab_size - 1
     elif data_cfg.get("path"):
         docs = load_token_file(data_cfg["path"], tokenizer)
-        eos = getattr(tokenizer, "eos_token_id", None)
     else:
         raise SystemExit("no data: pass --data PATH or --synthetic")
     top = max((int(max(d)) for d in docs if len(d)), default=-1)
@@ -226,6 +233,7 @@ def load_data(data_cfg: dict, model_config: LlamaConfig, seed: int):
     if block_size > model_config.max_seq_len:
         raise SystemExit(f"block_size {block_size} exceeds the model's max_seq_len {model_config.max_seq_len}")
     train_docs, val_docs = train_val_split(docs, data_cfg.get("val_fraction", 0.1), seed=seed)
+    eos = data_eos_token_id(data_cfg, model_config, tokenizer)
     return pack_tokens(train_docs, block_size, eos), pack_tokens(val_docs, block_size, eos), tokenizer
 
 
@@ -309,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         seed_everything(config.seed)  # the same initial weights in every process
         model = Llama(model_config)
         train_blocks, val_blocks, tokenizer = load_data(data_cfg, model_config, config.seed)
+        if config.document_mask and config.eos_token_id is None:
+            eos = data_eos_token_id(data_cfg, model_config, tokenizer)
+            if eos is None:
+                raise SystemExit("--document_mask needs the token that ends each document: pass --eos_token_id "
+                                 "or a --tokenizer that has one")
+            config = dataclasses.replace(config, eos_token_id=eos)
         trainer = Trainer(model, train_blocks, val_blocks, config, tokenizer=tokenizer)
         if rank == 0:
             print(f"model: {model.num_parameters():,} parameters; train blocks {tuple(train_blocks.shape)}, "

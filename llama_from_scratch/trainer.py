@@ -50,6 +50,7 @@ from llama_from_scratch.loss import cross_entropy
 from llama_from_scratch.model import Llama
 from llama_from_scratch.optim import (AdamW, GaLoreAdamW, clip_grad_norm, cosine_schedule, galore_param_groups,
                                       weight_decay_groups)
+from llama_from_scratch.packing import document_attention_inputs
 from llama_from_scratch.parallel.torch_native import (fsdp2_llama, full_state_dicts, full_tensor, gradient_sync,
                                                      load_full_state_dicts)
 
@@ -117,6 +118,10 @@ class TrainConfig:
             (fully_shard on every block, then on the whole model) instead of replicating them with
             DistributedDataParallel; the steps are the same. Needs torch.distributed initialized
             (torchrun); a group of one process runs as one-rank FSDP2. Optimizer adamw only.
+        document_mask: attend only within each document of a packed block, with RoPE positions
+            restarting at every document (Llama 3's document mask, :mod:`~llama_from_scratch.packing`);
+            a document ends at eos_token_id. False: attention crosses documents (GPT-2, nanoGPT).
+        eos_token_id: the token that ends each document, for document_mask (None: the tokenizer's).
     """
 
     max_steps: int = 1000
@@ -148,6 +153,8 @@ class TrainConfig:
     peak_flops: float | None = None
     progress: bool = True
     fsdp: bool = False
+    document_mask: bool = False
+    eos_token_id: int | None = None
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -167,6 +174,9 @@ class TrainConfig:
             raise ValueError(f"dtype must be 'auto', 'bf16' or 'fp32', got {self.dtype!r}")
         if self.optimizer not in ("adamw", "galore"):
             raise ValueError(f"optimizer must be 'adamw' or 'galore', got {self.optimizer!r}")
+        if self.eos_token_id is not None and (isinstance(self.eos_token_id, bool)
+                                              or not isinstance(self.eos_token_id, int) or self.eos_token_id < 0):
+            raise ValueError(f"TrainConfig.eos_token_id must be a token id (an integer >= 0), got {self.eos_token_id!r}")
         if self.fsdp and self.optimizer != "adamw":
             raise ValueError("fsdp needs optimizer 'adamw': GaLore projects whole gradient matrices, and under "
                              "FSDP2 each rank holds only a slice of each")
@@ -627,6 +637,13 @@ class Trainer:
         if self.train_data is None or len(self.train_data) == 0:
             raise ValueError("train_data is empty")
         self.block_size = self.train_data.block_size
+        self.document_eos: int | None = None  # the EOS id whose documents the attention keeps apart
+        if config.document_mask:
+            eos = config.eos_token_id if config.eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+            if eos is None:
+                raise ValueError("TrainConfig.document_mask needs the token that ends each document: set "
+                                 "eos_token_id, or pass a tokenizer that has an eos_token_id")
+            self.document_eos = int(eos)
 
         self.model = model.to(device)
         self.flops_per_token = (estimate_flops_per_token(self.model, self.block_size)
@@ -702,15 +719,21 @@ class Trainer:
         A :class:`~llama_from_scratch.model.Llama` computes it itself (``model(x, targets=y)``,
         through DistributedDataParallel's wrapper when there is one): in float32 that is the
         chunked loss, which never stores the ``[B, T, vocab]`` logits. Other models return logits.
+        With ``config.document_mask`` the model also gets the document mask and the restarting
+        positions of ``x`` (:func:`~llama_from_scratch.packing.document_attention_inputs`).
         """
+        kwargs = {}
+        if self.document_eos is not None:
+            mask, positions = document_attention_inputs(x, self.document_eos)
+            kwargs = {"attention_mask": mask, "position_ids": positions}
         with self._autocast():
             if not (y != IGNORE_INDEX).any():
                 # A micro-batch without a single target (every response cut away in SFT): a zero that
                 # still depends on the weights, so backward works and the step changes nothing.
-                return model(x).float().sum() * 0.0
+                return model(x, **kwargs).float().sum() * 0.0
             if isinstance(self.model, Llama):
-                return model(x, targets=y)
-            logits = model(x)
+                return model(x, targets=y, **kwargs)
+            logits = model(x, **kwargs)
         return cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
 
     # ----- one step -------------------------------------------------------------------------

@@ -210,3 +210,74 @@ def test_train_wrong(options):
 
 def test_train_with_summed_token_losses_passes():
     CHECKS["train"](lambda *a: _train(*a, token_sum=True))
+
+
+# ----- document_mask --------------------------------------------------------------------------
+
+
+def _document_mask(input_ids, eos, *, eos_starts_next=False, causal=True, restart=True, own_key=True,
+                   positions_from=0, float_mask=False):
+    is_eos = (input_ids == eos).long()
+    if eos_starts_next:
+        document = is_eos.cumsum(dim=1)                         # the EOS opens the next document
+    else:
+        document = is_eos.cumsum(dim=1) - is_eos
+    seq_len = input_ids.shape[1]
+    lower = torch.ones(seq_len, seq_len, dtype=torch.bool).tril(0 if own_key else -1)
+    same = document[:, :, None] == document[:, None, :]
+    mask = (same & lower) if causal else same
+    mask = mask.unsqueeze(1)
+    t = torch.arange(seq_len).expand_as(document)
+    if restart:
+        start = torch.where(torch.cat([torch.ones_like(is_eos[:, :1]), (document[:, 1:] != document[:, :-1]).long()],
+                                      dim=1).bool(), t, torch.zeros_like(t)).cummax(dim=1).values
+        positions = t - start + positions_from
+    else:
+        positions = t + positions_from
+    return (mask.float() if float_mask else mask), positions
+
+
+def _plain_causal(input_ids, eos):
+    seq_len = input_ids.shape[1]
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool).tril().expand(input_ids.shape[0], 1, seq_len, seq_len)
+    _, positions = _document_mask(input_ids, eos)
+    return mask, positions                                          # right positions, plain causal mask
+
+
+@pytest.mark.parametrize("options", [
+    dict(eos_starts_next=True),   # the EOS counted as the first token of the next document
+    dict(causal=False),           # whole documents visible: not causal inside a document
+    dict(restart=False),          # positions counted from the start of the block
+    dict(own_key=False),          # off by one: a query may not attend to itself
+    dict(positions_from=1),       # off by one: positions start at 1
+    dict(float_mask=True),        # an additive-style float mask instead of True/False
+], ids=lambda o: next(iter(o)))
+def test_document_mask_wrong(options):
+    fails("document_mask", lambda ids, eos: _document_mask(ids, eos, **options))
+
+
+def test_document_mask_plain_causal_fails():
+    fails("document_mask", _plain_causal)
+
+
+def test_document_mask_by_loops_passes():
+    """A correct answer written differently: Python loops over the tokens."""
+    def by_loops(input_ids, eos):
+        batch, seq_len = input_ids.shape
+        mask = torch.zeros(batch, 1, seq_len, seq_len, dtype=torch.bool)
+        positions = torch.zeros(batch, seq_len, dtype=torch.int32)
+        for b in range(batch):
+            start = 0
+            for i in range(seq_len):
+                positions[b, i] = i - start
+                mask[b, 0, i, start:i + 1] = True
+                if int(input_ids[b, i]) == eos:
+                    start = i + 1
+        return mask, positions
+
+    CHECKS["document_mask"](by_loops)
+
+
+def test_document_mask_returned_as_a_list_passes():
+    CHECKS["document_mask"](lambda ids, eos: list(_document_mask(ids, eos)))
+

@@ -1,5 +1,5 @@
 """Checks of chapter 8's exercises: the warmup-stable-decay schedule, clipping by a global p-norm,
-AdamW in torch's state format, and the capstone training loop.
+AdamW in torch's state format, the capstone training loop, and the document mask of packed blocks.
 
 References (independent of this package):
 
@@ -10,7 +10,11 @@ References (independent of this package):
 - ``train``: the same loop in the grader with ``torch.optim.AdamW``, ``clip_grad_norm_`` and
   ``LambdaLR(get_wsd_schedule)`` on a tiny ``transformers`` Llama and byte-level blocks of the
   story corpus (``data/stories``, read through the package's data helpers), and the returned
-  weights must score on held-out stories within 2% of the reference run's trained model.
+  weights must score on held-out stories within 2% of the reference run's trained model;
+- ``document_mask``: blocks cut from a stream of documents the grader made (each ending in EOS),
+  against ``transformers.DataCollatorWithFlattening`` (the positions of those documents, restarting
+  at 0) and ``transformers.masking_utils.create_causal_mask`` (the block-diagonal causal mask it
+  builds for packed sequences from those positions).
 
 Inputs are drawn fresh at every grading run; failure messages say what differed, never the
 expected values.
@@ -372,11 +376,96 @@ def check_train(fn: Callable) -> None:
                              f"model.state_dict() after the last step.")
 
 
+# ----- document_mask --------------------------------------------------------------------------
+
+
+def _other_token(rng, vocab: int, eos: int) -> int:
+    token = rng.randrange(vocab - 1)
+    return token + 1 if token >= eos else token
+
+
+def _packed_rows(rng, batch: int, seq_len: int, eos: int, vocab: int) -> tuple[torch.Tensor, list[list[list[int]]]]:
+    """``[batch, seq_len]`` windows of streams of documents (random tokens, then ``eos``), and for
+    each row the pieces of the documents it holds, in order (the first and last may be cut). With
+    two rows or more, row 0 lies inside one long document and row 1 starts with a lone EOS."""
+    rows, pieces = [], []
+    for row in range(batch):
+        stream: list[int] = []
+        owner: list[int] = []
+        doc = 0
+        while len(stream) < seq_len + 12:
+            n = rng.choice([0, 0, 1, 2, rng.randrange(3, 9), rng.randrange(3, 30)])   # 0: a lone EOS
+            if batch > 1 and doc == 0 and row < 2:
+                n = seq_len + 1 if row == 0 else 0
+            stream += [_other_token(rng, vocab, eos) for _ in range(n)] + [eos]
+            owner += [doc] * (n + 1)
+            doc += 1
+        start = 0 if batch > 1 and row < 2 else rng.choice([0, rng.randrange(0, 12)])
+        window, owners = stream[start:start + seq_len], owner[start:start + seq_len]
+        rows.append(window)
+        parts: list[list[int]] = []
+        for t, o in enumerate(owners):
+            if t == 0 or o != owners[t - 1]:
+                parts.append([])
+            parts[-1].append(window[t])
+        pieces.append(parts)
+    return torch.tensor(rows, dtype=torch.long), pieces
+
+
+def _transformers_reference(pieces: list[list[list[int]]], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask ``[B, 1, T, T]`` and positions ``[B, T]`` transformers gives these documents: the
+    positions of ``DataCollatorWithFlattening``, the mask ``create_causal_mask`` derives from them."""
+    import transformers
+    from transformers.masking_utils import create_causal_mask
+
+    collate = transformers.DataCollatorWithFlattening(return_tensors="pt")
+    positions = torch.cat([collate([{"input_ids": part} for part in parts])["position_ids"] for parts in pieces])
+    config = transformers.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                      num_attention_heads=1, num_key_value_heads=1)
+    config._attn_implementation = "sdpa"
+    mask = create_causal_mask(config=config, inputs_embeds=torch.zeros(len(pieces), seq_len, 1), attention_mask=None,
+                              cache=None, position_ids=positions, allow_is_causal_skip=False)
+    return mask, positions
+
+
+DOCUMENT_HINT = ("A new document starts at the first position of the row and right after every EOS; the EOS itself "
+                 "is the last token of the document it ends. Query i may attend key j when j <= i and both are in "
+                 "the same document; position ids count from 0 at the start of each document.")
+
+
+def check_document_mask(fn: Callable) -> None:
+    """``fn(input_ids, eos_token_id)`` returns ``(mask, position_ids)`` of packed blocks: the boolean
+    ``[B, 1, T, T]`` block-diagonal causal mask and the ``[B, T]`` positions that restart at every
+    document, equal to what transformers builds for the documents the grader packed."""
+    rng = fresh_rng()
+    vocab = rng.randrange(20, 60)
+    plans = [(1, 1), (2, 1), (1, 2), (3, 17), (2, 40), (4, rng.randrange(5, 33)), (1, rng.randrange(2, 9))]
+    for batch, seq_len in plans:
+        eos = rng.choice([0, vocab - 1, rng.randrange(1, vocab - 1)])
+        input_ids, pieces = _packed_rows(rng, batch, seq_len, eos, vocab)
+        expected_mask, expected_positions = _transformers_reference(pieces, seq_len)
+        what = (f"document_mask(input_ids of shape {tuple(input_ids.shape)} with "
+                f"{int((input_ids == eos).sum())} EOS tokens, eos_token_id={eos})")
+        result = call(fn, input_ids.clone(), eos)
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            raise AssertionError(f"{what}: expected a pair (mask, position_ids), got {type(result).__name__}")
+        mask, positions = (as_tensor(r, f"{what}: {name}") for r, name in zip(result, ("mask", "position_ids")))
+        if mask.dtype != torch.bool:
+            raise AssertionError(f"{what}: the mask must be a boolean tensor (True = may attend), got {mask.dtype}")
+        assert_equal(mask, expected_mask, f"{what}: the mask [B, 1, T, T], compared with transformers' "
+                     "create_causal_mask for these documents", hint=DOCUMENT_HINT)
+        if positions.is_floating_point() or positions.dtype == torch.bool:
+            raise AssertionError(f"{what}: position_ids must be an integer tensor, got {positions.dtype}")
+        assert_equal(positions, expected_positions, f"{what}: position_ids [B, T], compared with "
+                     "transformers' DataCollatorWithFlattening for these documents", hint=DOCUMENT_HINT)
+
+
 CHECKS = {
     "wsd_lr_lambda": check_wsd_lr_lambda,
     "clip_grad_norm": check_clip_grad_norm,
     "adamw_step": check_adamw_step,
     "train": check_train,
+    "document_mask": check_document_mask,
 }
 
 FORBIDDEN = {
@@ -387,4 +476,5 @@ FORBIDDEN = {
     "train": ["torch.optim", "torch.nn.utils.clip_grad_norm_", "torch.nn.utils.clip_grads_with_norm_",
               "torch.nn.utils.get_total_norm", "torch.nn.utils.clip_grad", "transformers.get_wsd_schedule",
               "transformers.optimization", "transformers.Trainer"],
+    "document_mask": ["transformers"],
 }
