@@ -181,3 +181,23 @@ from llama_from_scratch.ppo import (
 )
 from llama_from_scratch.dpo import dpo_loss
 from llama_from_scratch.preferences import load_preferences, preference_margin, preferences_dir
+
+# --- Chapter 14: rejection sampling and GRPO ---
+from llama_from_scratch.arithmetic import (
+    HELDOUT_TEMPLATES,
+    TRAIN_TEMPLATES,
+    arithmetic_reward,
+    extract_final_number,
+    make_arithmetic_problems,
+)
+from llama_from_scratch.grpo import (
+    GRPOConfig,
+    completion_mask_from_eos,
+    group_advantages,
+    grpo_loss,
+    grpo_step,
+    kl_k3,
+    per_token_logprobs,
+    sample_groups,
+)
+from llama_from_scratch.rejection_sampling import best_of_n, completion_nll, select_best_completions, sft_batch
