@@ -313,3 +313,46 @@ def test_train_reward_model_scheduler_and_pad_sequence_passes():
             losses.append(step_loss)
         return losses, {k: v.clone() for k, v in model.state_dict().items()}
     passes("train_reward_model", train_reward_model)
+
+
+# ---------------------------------------------------------------------------------------------- llama2_reward
+
+def llama2(select=lambda h, s, tagged, t: tagged | (torch.sigmoid(s) < t), transform=lambda c, h, s, use: c,
+           whiten=lambda x: (x - x.mean()) / torch.sqrt(x.var() + 1e-8)):
+    """A llama2_reward variant: which answers get the safety score, what is whitened, and how."""
+
+    def llama2_reward(helpfulness, safety, is_safety, threshold=0.15):
+        use_safety = select(helpfulness, safety, is_safety, threshold)
+        combined = torch.where(use_safety, safety, helpfulness)
+        return whiten(transform(combined, helpfulness, safety, use_safety))
+
+    return llama2_reward
+
+
+@pytest.mark.parametrize("wrong", [
+    llama2(select=lambda h, s, tagged, t: tagged | (torch.sigmoid(s) >= t)),         # threshold comparison inverted
+    llama2(select=lambda h, s, tagged, t: tagged | (torch.sigmoid(s) <= t)),         # a tie at the threshold -> safety
+    llama2(select=lambda h, s, tagged, t: tagged & (torch.sigmoid(s) < t)),          # "and" instead of "or"
+    llama2(select=lambda h, s, tagged, t: torch.sigmoid(s) < t),                     # the prompt's tag ignored
+    llama2(select=lambda h, s, tagged, t: tagged),                                   # the threshold ignored
+    llama2(select=lambda h, s, tagged, t: tagged | (s < t)),                         # threshold on the linear score
+    llama2(select=lambda h, s, tagged, t: tagged | (torch.sigmoid(h) < t)),          # the helpfulness score tested
+    llama2(transform=lambda c, h, s, use: torch.sigmoid(c)),                         # R_c whitened, not logit(R_c)
+    llama2(transform=lambda c, h, s, use: torch.logit(torch.where(use, torch.sigmoid(s), torch.sigmoid(h)))),  # float32 round trip
+    llama2(whiten=lambda x: x),                                                      # not whitened
+    llama2(whiten=lambda x: (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-8)),  # biased variance
+    llama2(whiten=lambda x: x - x.mean()),                                           # centred only
+])
+def test_llama2_reward_wrong(wrong):
+    fails("llama2_reward", wrong)
+
+
+def test_llama2_reward_in_probabilities_float64_passes():
+    """The paper's notation literally, in float64, with the threshold moved to logit space."""
+    def llama2_reward(helpfulness, safety, is_safety, threshold=0.15):
+        r_s, r_h = torch.sigmoid(safety.double()), torch.sigmoid(helpfulness.double())
+        use = is_safety | (safety.double() < torch.log(torch.tensor(threshold / (1 - threshold), dtype=torch.float64)))
+        r_c = torch.where(use, r_s, r_h)
+        x = torch.log(r_c) - torch.log1p(-r_c)
+        return ((x - x.mean()) / (x.std() + 1e-8)).float()      # std + eps: the same to 1e-8 / std
+    passes("llama2_reward", llama2_reward)

@@ -7,7 +7,10 @@ The references run in the grader's process, on the same inputs as the student's 
   ``DataCollatorForPreference`` for the training batches;
 - transformers' ``LlamaForSequenceClassification`` (same weights) for the reward model;
 - ``torch.optim.AdamW``, ``torch.nn.utils.clip_grad_norm_`` and ``torch.optim.lr_scheduler.LambdaLR``
-  for the training loop.
+  for the training loop;
+- for Llama 2's combination of a helpfulness and a safety reward model, which no library implements,
+  a transcription of the paper's formula (Touvron et al. 2023, section 3.2.3) in float64, one
+  response at a time: an internal reference.
 
 Sizes, weights, padding and hyper-parameters are drawn fresh at every grading run. Models the
 student's code needs are built on the student's side from data (``Construct``); what comes back is
@@ -17,6 +20,7 @@ compared here. Failure messages say what differed, never the expected values.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import random
 import tempfile
@@ -35,6 +39,7 @@ FORBIDDEN = {
                          "transformers.AutoModelForSequenceClassification",
                          "transformers.models.llama.modeling_llama.LlamaForSequenceClassification", "trl"],
     "train_reward_model": ["trl"],
+    "llama2_reward": ["trl"],
 }
 
 
@@ -453,9 +458,85 @@ def check_train_reward_model(fn: Callable) -> None:
                          rtol=1e-3, atol=1e-2 * lr, hint=hint)
 
 
+# --------------------------------------------------------------------------------------------
+# llama2_reward
+# --------------------------------------------------------------------------------------------
+
+
+def _llama2_reference(helpfulness: torch.Tensor, safety: torch.Tensor, is_safety: torch.Tensor,
+                      threshold: float) -> torch.Tensor:
+    """Llama 2, section 3.2.3, transcribed one response at a time in float64: ``R_s = sigmoid(safety)``,
+    ``R_h = sigmoid(helpfulness)``; ``R_c = R_s if is_safety(p) or R_s < threshold else R_h``;
+    ``logit(R_c)``; whitened over the batch, ``(x - mean) / sqrt(var + 1e-8)``, unbiased variance.
+    (The scores the check draws stay within +-20, where float64's sigmoid and logit round-trip to ~1e-7.)"""
+    out = []
+    for h, s, unsafe in zip(helpfulness.double().tolist(), safety.double().tolist(), is_safety.tolist()):
+        r_s, r_h = 1.0 / (1.0 + math.exp(-s)), 1.0 / (1.0 + math.exp(-h))
+        r_c = r_s if (unsafe or r_s < threshold) else r_h
+        out.append(math.log(r_c) - math.log1p(-r_c))
+    mean = sum(out) / len(out)
+    var = sum((x - mean) ** 2 for x in out) / (len(out) - 1)
+    return torch.tensor([(x - mean) / math.sqrt(var + 1e-8) for x in out], dtype=torch.float64)
+
+
+def _away_from(scores: torch.Tensor, boundary: float, gap: float = 1e-3) -> torch.Tensor:
+    """Scores moved at least ``gap`` away from ``boundary`` (comparing in logit or probability space,
+    or in float32 or float64, must not decide a case)."""
+    near = (scores - boundary).abs() < gap
+    return torch.where(near, scores + 2 * gap * torch.sign(scores - boundary + 1e-12), scores)
+
+
+def check_llama2_reward(fn: Callable) -> None:
+    """``fn(helpfulness [B], safety [B], is_safety [B] bool, threshold=0.15) -> [B]``: Llama 2's
+    ``whiten(logit(R_c))`` against the paper's formula transcribed in float64."""
+    fn = _student(fn)
+    rng, g = fresh_rng(), fresh_generator()
+    hint = ("R_s = sigmoid(safety) and R_h = sigmoid(helpfulness); R_c = R_s where is_safety or R_s < threshold "
+            "(strictly below), else R_h; then logit(R_c) (that is the selected linear score itself), then whiten "
+            "over the batch: (x - mean) / sqrt(var + 1e-8) with the unbiased variance (torch.var's default)")
+    logit = lambda p: math.log(p / (1 - p))                 # noqa: E731
+    t0 = logit(0.15)
+    # every branch: unsafe prompt with a high safety score, unsafe with a low one, safe with a low one
+    # (safety used), safe with a high one (helpfulness used); helpfulness far from the safety scores
+    cases = [("one response per branch", torch.tensor([2.0, -1.0, 3.0, -0.5, 1.2]),
+              torch.tensor([3.0, t0 - 1.0, t0 - 0.5, t0 + 0.7, 2.5]),
+              torch.tensor([True, True, False, False, False]), None)]
+    # a tie: sigmoid(0) = 0.5 exactly, so at threshold 0.5 a safety score of 0 is not below it
+    cases.append(("a safety probability exactly at the threshold 0.5 (not below it: helpfulness is used)",
+                  torch.tensor([1.5, -2.0, 0.5]), torch.tensor([0.0, 0.0, -3.0]),
+                  torch.tensor([False, False, False]), 0.5))
+    for _ in range(6):
+        b = rng.choice([2, 3, 5, 17, rng.randrange(18, 100)])
+        threshold = rng.choice([None, 0.15, 0.3, round(rng.uniform(0.05, 0.6), 3)])
+        scale = rng.choice([1.0, 3.0])
+        helpfulness = scale * torch.randn(b, generator=g)
+        safety = _away_from(scale * torch.randn(b, generator=g) - 1.0, logit(0.15 if threshold is None else threshold))
+        is_safety = torch.rand(b, generator=g) < rng.choice([0.0, 0.3, 0.7])
+        cases.append((f"{b} responses (scores of scale {scale}), threshold {threshold or 'default'}",
+                      helpfulness, safety, is_safety, threshold))
+    b = rng.randrange(4, 9)                                  # linear scores up to +-20
+    big = _away_from(20 * (2 * torch.rand(b, generator=g) - 1), t0)
+    big[0], big[1] = 20.0, -20.0
+    tagged = torch.rand(b, generator=g) < 0.3
+    tagged[0] = True                                         # the safety score 20 is selected
+    cases.append((f"{b} responses with linear scores up to +-20", big.flip(0).clone(), big, tagged, None))
+    for desc, helpfulness, safety, is_safety, threshold in cases:
+        desc = "llama2_reward on " + desc
+        expected = _llama2_reference(helpfulness, safety, is_safety, 0.15 if threshold is None else threshold)
+        args = (helpfulness.clone(), safety.clone(), is_safety.clone())
+        got = fn(*args) if threshold is None else fn(*args, threshold=threshold)
+        got = as_tensor(got, desc)
+        extra = ""
+        if float(torch.cat([helpfulness, safety]).abs().max()) >= 20:
+            extra = (" (sigmoid(20.0) rounds to 1.0 in float32, so logit(sigmoid(x)) is inf there: logit(R_c) is "
+                     "the selected linear score)")
+        assert_close(got, expected.float(), desc, rtol=1e-4, atol=1e-4, hint=hint + extra)
+
+
 CHECKS = {
     "reward_model_loss": check_reward_model_loss,
     "ranking_loss": check_ranking_loss,
     "LlamaRewardModel": check_LlamaRewardModel,
     "train_reward_model": check_train_reward_model,
+    "llama2_reward": check_llama2_reward,
 }
