@@ -97,6 +97,16 @@ from llama_from_scratch.trainer import (
     save_checkpoint,
     train,
 )
+from llama_from_scratch.scaling_laws import (
+    CHINCHILLA_APPROACH3,
+    ChinchillaLaw,
+    PowerLaw,
+    chinchilla_loss,
+    compute_optimal,
+    fit_chinchilla,
+    fit_power_law,
+    non_embedding_params,
+)
 
 # --- Chapter 9: instruction tuning ---
 from llama_from_scratch.instruct import (

@@ -281,3 +281,55 @@ def test_document_mask_by_loops_passes():
 def test_document_mask_returned_as_a_list_passes():
     CHECKS["document_mask"](lambda ids, eos: list(_document_mask(ids, eos)))
 
+
+# ----- chinchilla_allocation ------------------------------------------------------------------
+
+
+def _allocation(law, budgets, runs, *, swap=False, no_six=False, d_without_six=False, inverted_g=False, no_e=False,
+                run_compute=False, bisect=False):
+    E, A, B, a, b = (law[k] for k in ("E", "A", "B", "alpha", "beta"))
+    loss = lambda n, d: E + A / n ** a + B / d ** b  # noqa: E731
+    g = ((b * B) / (a * A) if inverted_g else (a * A) / (b * B)) ** (1 / (a + b))
+
+    def optimum(c):
+        base = c if no_six else c / 6
+        n = g * base ** ((a if swap else b) / (a + b))
+        return n, (c / n if (no_six or d_without_six) else c / (6 * n))
+
+    def optimal_loss(c):
+        n, d = optimum(c)
+        return loss(n, d) - (E if no_e else 0.0)
+
+    n_opt, d_opt = zip(*(optimum(c) for c in budgets))
+    equivalent = []
+    for n, d in runs:
+        target = loss(n, d)
+        if run_compute:                    # the run's own compute, not the compute-optimal model's
+            equivalent.append(6 * n * d)
+        elif bisect:                       # another correct route: bisection on log C
+            lo, hi = -20.0, 200.0
+            for _ in range(200):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if optimal_loss(math.exp(mid)) > target else (lo, mid)
+            equivalent.append(math.exp((lo + hi) / 2))
+        else:                              # closed form: L_opt(C) = E + K (C/6)^(-a b / (a + b))
+            k = A * g ** -a + B * g ** b
+            equivalent.append(6 * ((target - E) / k) ** (-(a + b) / (a * b)))
+    return {"N_opt": list(n_opt), "D_opt": list(d_opt), "L_opt": [optimal_loss(c) for c in budgets],
+            "equivalent_compute": equivalent}
+
+
+@pytest.mark.parametrize("options", [
+    dict(swap=True),            # N_opt grows as C^(alpha / (alpha + beta)): the exponents swapped
+    dict(no_six=True),          # C = N D, without the 6 FLOPs per parameter and token
+    dict(d_without_six=True),   # N_opt right, but D_opt = C / N_opt
+    dict(inverted_g=True),      # G = (beta B / (alpha A))^(1 / (alpha + beta))
+    dict(no_e=True),            # the optimal loss without the irreducible E
+    dict(run_compute=True),     # the run's own 6 N D as its equivalent compute
+], ids=lambda o: next(iter(o)))
+def test_chinchilla_allocation_wrong(options):
+    fails("chinchilla_allocation", lambda *a: _allocation(*a, **options))
+
+
+def test_chinchilla_allocation_by_bisection_passes():
+    CHECKS["chinchilla_allocation"](lambda *a: _allocation(*a, bisect=True))

@@ -460,16 +460,95 @@ def check_document_mask(fn: Callable) -> None:
                      "transformers' DataCollatorWithFlattening for these documents", hint=DOCUMENT_HINT)
 
 
+# ----- chinchilla_allocation ------------------------------------------------------------------
+
+ALLOCATION_KEYS = ("N_opt", "D_opt", "L_opt", "equivalent_compute")
+
+
+def _random_law(rng) -> dict:
+    """Coefficients of ``E + A / N**alpha + B / D**beta`` around Chinchilla's, the exponents at
+    least 0.08 apart (so that swapping them shows)."""
+    while True:
+        alpha, beta = rng.uniform(0.2, 0.6), rng.uniform(0.2, 0.6)
+        if abs(alpha - beta) >= 0.08:
+            break
+    return dict(E=rng.uniform(0.5, 2.5), A=math.exp(rng.uniform(2.0, 8.0)), B=math.exp(rng.uniform(2.0, 8.0)),
+                alpha=alpha, beta=beta)
+
+
+def _equivalent_compute(law, loss: float) -> float:
+    """The budget whose compute-optimal model reaches ``loss``: bisection on log C (the optimal
+    loss falls as C grows), independent of any closed form for it."""
+    from llama_from_scratch.scaling_laws import compute_optimal
+
+    def optimal_loss(log_c: float) -> float:
+        n, d = compute_optimal(law, math.exp(log_c))
+        return law.loss(n, d)
+
+    lo, hi = math.log(1e-6), math.log(1e60)
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if optimal_loss(mid) > loss else (lo, mid)
+    return math.exp(0.5 * (lo + hi))
+
+
+def check_chinchilla_allocation(fn: Callable) -> None:
+    """``fn(law, budgets, runs)`` returns, for each budget ``C = 6 N D``, the compute-optimal
+    ``N_opt``, ``D_opt`` and their loss ``L_opt``, and for each run ``(N, D)`` the budget at which a
+    compute-optimal model reaches that run's loss.
+
+    No library implements Chinchilla's allocation, so the reference is computed here from the
+    package's :func:`~llama_from_scratch.scaling_laws.compute_optimal` (the closed form, itself
+    tested against a brute-force search) and, for the equivalent compute, by bisection."""
+    from llama_from_scratch.scaling_laws import ChinchillaLaw, compute_optimal
+
+    rng = fresh_rng()
+    for trial in range(4):
+        coefficients = _random_law(rng)
+        law = ChinchillaLaw(**coefficients)
+        budgets = [10 ** rng.uniform(12.0, 26.0) for _ in range(rng.randrange(1, 5))]
+        runs = [[10 ** rng.uniform(5.0, 11.0), 10 ** rng.uniform(6.0, 13.0)] for _ in range(rng.randrange(1, 4))]
+        if trial == 0:
+            runs.append(list(compute_optimal(law, budgets[0])))      # a run that is compute-optimal already
+        what = (f"chinchilla_allocation(law with alpha={coefficients['alpha']:.3f}, beta={coefficients['beta']:.3f}, "
+                f"budgets {[f'{c:.3g}' for c in budgets]}, runs {[[f'{n:.3g}', f'{d:.3g}'] for n, d in runs]})")
+        result = call(fn, dict(coefficients), list(budgets), [list(r) for r in runs])
+        if not isinstance(result, dict) or set(result) != set(ALLOCATION_KEYS):
+            keys = sorted(result) if isinstance(result, dict) else type(result).__name__
+            raise AssertionError(f"{what}: expected a dict with exactly the keys {list(ALLOCATION_KEYS)}, got {keys}")
+        n_opt, d_opt = compute_optimal(law, torch.tensor(budgets, dtype=torch.float64))
+        expected = {"N_opt": n_opt, "D_opt": d_opt, "L_opt": law.loss(n_opt, d_opt),
+                    "equivalent_compute": torch.tensor([_equivalent_compute(law, law.loss(n, d)) for n, d in runs],
+                                                       dtype=torch.float64)}
+        hints = {
+            "N_opt": "With D = C / (6 N), L(N, D) is smallest where its derivative in N is 0: "
+                     "N_opt = G (C/6)^(beta/(alpha+beta)), G = (alpha A / (beta B))^(1/(alpha+beta)).",
+            "D_opt": "The budget is spent: 6 N_opt D_opt = C.",
+            "L_opt": "L_opt = E + A / N_opt^alpha + B / D_opt^beta.",
+            "equivalent_compute": "Find the C whose L_opt equals the run's loss E + A / N^alpha + B / D^beta "
+                                  "(L_opt falls as C grows: bisect on log C, or solve L_opt(C) in closed form).",
+        }
+        for key in ALLOCATION_KEYS:
+            value = result[key]
+            length = len(expected[key])
+            if not isinstance(value, (list, tuple)) or len(value) != length or \
+                    not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise AssertionError(f"{what}: result[{key!r}] must be a list of {length} floats")
+            assert_close(torch.tensor([float(v) for v in value], dtype=torch.float64), expected[key],
+                         f"{what}: {key}", rtol=1e-6, atol=0.0, hint=hints[key])
+
+
 CHECKS = {
     "wsd_lr_lambda": check_wsd_lr_lambda,
     "clip_grad_norm": check_clip_grad_norm,
     "adamw_step": check_adamw_step,
     "train": check_train,
+    "chinchilla_allocation": check_chinchilla_allocation,
     "document_mask": check_document_mask,
 }
 
 FORBIDDEN = {
-    "wsd_lr_lambda": ["transformers", "torch.optim"],
+X    "wsd_lr_lambda": ["transformers", "torch.optim"],
     "clip_grad_norm": ["torch.nn.utils.clip_grad_norm_", "torch.nn.utils.clip_grads_with_norm_",
                        "torch.nn.utils.get_total_norm", "torch.nn.utils.clip_grad"],
     "adamw_step": ["torch.optim"],
