@@ -548,7 +548,8 @@ CHECKS = {
 }
 
 FORBIDDEN = {
-X    "wsd_lr_lambda": ["transformers", "torch.optim"],
+    "chinchilla_allocation": [],   # arithmetic only; the package (always forbidden) has compute_optimal
+    "wsd_lr_lambda": ["transformers", "torch.optim"],
     "clip_grad_norm": ["torch.nn.utils.clip_grad_norm_", "torch.nn.utils.clip_grads_with_norm_",
                        "torch.nn.utils.get_total_norm", "torch.nn.utils.clip_grad"],
     "adamw_step": ["torch.optim"],
