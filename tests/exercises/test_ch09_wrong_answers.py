@@ -236,3 +236,63 @@ def test_sft_train_wrong(options):
 
 def test_sft_train_with_transformers_loss_passes():
     assert CHECKS["sft_train"](lambda *a: _sft(*a, hf_loss=True)) is None
+
+
+# ----- conversation_xy --------------------------------------------------------------------------
+
+tokenize_chat = SOLUTIONS["tokenize_chat"]
+
+
+def _xy(messages, encode, *, all_turns=False, last_turn_only=False, no_end=False, unshifted=False,
+        shift_both=False, keep_newline=False):
+    chat = tokenize_chat(messages, encode)
+    ids, mask = chat["input_ids"], list(chat["assistant_masks"])
+    end_id = encode("<|im_end|>")[0]
+    if last_turn_only:   # only the last assistant turn: clear the mask before the last header
+        starts = [t for t in range(1, len(mask)) if mask[t] and not mask[t - 1]]
+        mask = [m if t >= starts[-1] else 0 for t, m in enumerate(mask)]
+    if no_end:
+        mask = [0 if ids[t] == end_id else m for t, m in enumerate(mask)]
+    end = len(ids) if keep_newline else max(t for t, m in enumerate(chat["assistant_masks"]) if m) + 1
+    ids, mask = ids[:end], mask[:end]
+    labels = list(ids) if all_turns else [i if m else -100 for i, m in zip(ids, mask)]
+    if unshifted:        # the labels not shifted: y[t] is the label of x[t] itself
+        return torch.tensor(ids[:-1]), torch.tensor(labels[:-1])
+    if shift_both:       # both shifted: x starts at the second token
+        return torch.tensor(ids[1:]), torch.tensor(labels[1:])
+    return torch.tensor(ids[:-1]), torch.tensor(labels[1:])
+
+
+@pytest.mark.parametrize("options", [
+    dict(all_turns=True),         # loss on every turn (system, user, headers)
+    dict(last_turn_only=True),    # only the last assistant turn learned
+    dict(no_end=True),            # <|im_end|> of the answers not trained
+    dict(unshifted=True),         # off by one: y not shifted against x
+    dict(shift_both=True),        # off by one: x shifted along with y
+    dict(keep_newline=True),      # the template's final newline kept in the sequence
+], ids=lambda o: next(iter(o)))
+def test_conversation_xy_wrong(options):
+    assert fails("conversation_xy", lambda m, e: _xy(m, e, **options))
+
+
+def test_conversation_xy_from_the_text_as_lists_passes():
+    """Written differently: the whole text rendered and tokenized once, the answers found by the
+    lengths of encoded prefixes, and plain lists returned."""
+    def from_text(messages, encode):
+        if messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": SYSTEM}] + messages
+        text, spans = "", []
+        for m in messages:
+            text += f"<|im_start|>{m['role']}\n"
+            start = len(encode(text))
+            text += m["content"] + "<|im_end|>"
+            if m["role"] == "assistant":
+                spans.append((start, len(encode(text))))
+            text += "\n"
+        ids = encode(text)[:spans[-1][1]]
+        targets = [-100] * len(ids)
+        for a, b in spans:
+            targets[a:b] = ids[a:b]
+        return ids[:-1], targets[1:]
+
+    assert CHECKS["conversation_xy"](from_text) is None

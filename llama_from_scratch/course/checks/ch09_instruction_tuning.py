@@ -1,12 +1,15 @@
 """Checks of chapter 9's exercises: multi-turn chat tokenization with an assistant mask, the padded
-SFT collate (truncation, padding side), the padding-free collate, and the capstone SFT loop.
+SFT collate (truncation, padding side), the padding-free collate, the capstone SFT loop, and the
+pre-shifted training pair of a multi-turn conversation (loss on the assistant turns only).
 
 References (independent of this package, except where said):
 
-- ``tokenize_chat``: ``transformers``' ``apply_chat_template(..., return_assistant_tokens_mask=True)``
-  with SmolLM2's chat template, its assistant turns tagged ``{% generation %}``, on a fast
-  tokenizer built by ``tokenizers`` from SmolLM2's vocabulary and merges (read from the GGUF file by
-  the package's reader: the data, not the algorithm);
+- ``tokenize_chat`` and ``conversation_xy``: ``transformers``'
+  ``apply_chat_template(..., return_assistant_tokens_mask=True)`` with SmolLM2's chat template,
+  its assistant turns tagged ``{% generation %}``, on a fast tokenizer built by ``tokenizers``
+  from SmolLM2's vocabulary and merges (read from the GGUF file by the package's reader: the
+  data, not the algorithm); ``conversation_xy`` also on the project's multi-turn conversations
+  (``data/conversations``);
 - ``sft_collate``: TRL's label building and truncation (``SFTTrainer``'s dataset preparation) and
   its ``DataCollatorForLanguageModeling`` / ``pad``;
 - ``padding_free_collate``: TRL's ``DataCollatorForLanguageModeling(padding_free=True)``;
@@ -376,11 +379,65 @@ def check_sft_train(fn: Callable) -> None:
                              "fall by more than 0.5.")
 
 
+# ----- conversation_xy -------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def conversations() -> list[dict]:
+    from llama_from_scratch.conversations import load_conversations
+
+    return load_conversations("train")
+
+
+def reference_xy(messages: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` from the reference's assistant mask: the ids cut after the last ``<|im_end|>``,
+    labels = ids on the mask and -100 elsewhere, then ``x = ids[:-1]``, ``y = labels[1:]``."""
+    chat = reference_chat(messages)
+    eos = reference_tokenizer()[0].convert_tokens_to_ids("<|im_end|>")
+    ids, mask = chat["input_ids"], chat["assistant_masks"]
+    end = len(ids) - ids[::-1].index(eos)
+    labels = [i if m else IGNORE for i, m in zip(ids[:end], mask[:end])]
+    return torch.tensor(ids[:end - 1]), torch.tensor(labels[1:])
+
+
+@one_thread
+def check_conversation_xy(fn: Callable) -> None:
+    """``fn(messages, encode)`` returns the pre-shifted training pair ``(x, y)`` of a multi-turn
+    conversation: loss on every assistant turn (content and ``<|im_end|>``), nothing else."""
+    rng = fresh_rng()
+    train, _ = instructions()
+    cases = [[{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"},
+              {"role": "user", "content": "And times 3?"}, {"role": "assistant", "content": "12"}]]
+    cases += [list(c["messages"]) for c in rng.sample(conversations(), 6)]
+    cases += [[{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] + list(c["messages"])
+              for c in rng.sample(conversations(), 2)]
+    while len(cases) < 12:
+        messages = _conversation(rng, train)
+        if messages[-1]["role"] == "assistant":
+            cases.append(messages)
+    for messages in cases:
+        x_ref, y_ref = reference_xy(messages)
+        n_turns = sum(m["role"] == "assistant" for m in messages)
+        what = f"conversation_xy(a conversation with {n_turns} assistant turns)"
+        got = call(fn, [dict(m) for m in messages], Callback(encode_text))
+        if not isinstance(got, (tuple, list)) or len(got) != 2:
+            raise AssertionError(f"{what}: expected a pair (x, y), got {type(got).__name__}")
+        x, y = (torch.as_tensor(v) if isinstance(v, (list, tuple)) else v for v in got)
+        assert_equal(x, x_ref, f"{what}: x",
+                     "x is the rendered conversation's ids (default system turn, no generation prompt) up to its last "
+                     "<|im_end|>, without that last token: the model reads x and predicts y.")
+        assert_equal(y, y_ref, f"{what}: y",
+                     "y[t] is the target of position t: the id at t + 1 when that token is in an assistant message's "
+                     "content or its closing <|im_end|> (every assistant turn, not only the last), -100 otherwise "
+                     "(system and user turns, role headers, the newline after <|im_end|>).")
+
+
 CHECKS = {
     "tokenize_chat": check_tokenize_chat,
     "sft_collate": check_sft_collate,
     "padding_free_collate": check_padding_free_collate,
     "sft_train": check_sft_train,
+    "conversation_xy": check_conversation_xy,
 }
 
 FORBIDDEN = {
@@ -389,4 +446,5 @@ FORBIDDEN = {
     "padding_free_collate": ["trl", "transformers"],
     "sft_train": ["trl", "transformers.Trainer", "transformers.DataCollatorForSeq2Seq",
                   "transformers.DataCollatorForLanguageModeling"],
+    "conversation_xy": ["transformers", "tokenizers", "jinja2"],
 }
