@@ -130,3 +130,41 @@ def test_dora_linear_other_norm_passes():
     run("DoRALinear", namespace(
         "DoRALinear", "norm = torch.linalg.norm(weight + self.get_delta_weight().detach(), dim=1).detach()",
         "norm = (weight + self.get_delta_weight()).detach().pow(2).sum(dim=1).sqrt()"))
+
+
+# ----- prefix_attention ---------------------------------------------------------------------------
+
+PREFIX_WRONG = {
+    "RoPE applied to the prefix keys": (
+        "k = torch.cat([prefix_key.expand(bsz, -1, -1, -1), k], dim=2)",
+        "k = torch.cat([rope(prefix_key.expand(bsz, -1, -1, -1), torch.arange(p)), k], dim=2)"),
+    "positions not offset by the prefix": ("positions = torch.arange(p, p + seq_len)", "positions = torch.arange(seq_len)"),
+    "causal mask hides most of the prefix": (".tril(diagonal=p)", ".tril()"),
+    "prefix masked like padding": ("torch.cat([torch.ones(bsz, p, dtype=torch.bool), attention_mask.bool()], dim=1)",
+                                   "torch.cat([torch.zeros(bsz, p, dtype=torch.bool), attention_mask.bool()], dim=1)"),
+    "padding attended": ("allowed = causal & keys_ok[:, None, None, :]", "allowed = causal"),
+    "key/value heads tiled instead of grouped": (
+        "k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)\n    v = v.repeat_interleave(n_heads // n_kv_heads, dim=1)",
+        "k = k.repeat(1, n_heads // n_kv_heads, 1, 1)\n    v = v.repeat(1, n_heads // n_kv_heads, 1, 1)"),
+    "prefix keys used as values": ("v = torch.cat([prefix_value.expand", "v = torch.cat([prefix_key.expand"),
+}
+
+
+@pytest.mark.parametrize("wrong", list(PREFIX_WRONG))
+def test_prefix_attention_wrong(wrong):
+    fails("prefix_attention", *PREFIX_WRONG[wrong])
+
+
+def test_prefix_attention_other_formulation_passes():
+    # PyTorch's fused attention with the boolean mask, and the prefix scores taken as a block of their own
+    run("prefix_attention", namespace(
+        "prefix_attention",
+        "    scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)\n"
+        "    scores = scores.masked_fill(~allowed, float(\"-inf\"))\n"
+        "    out = torch.softmax(scores, dim=-1) @ v\n",
+        "    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)\n"))
+    run("prefix_attention", namespace(
+        "prefix_attention",
+        "    scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)\n",
+        "    scores = torch.cat([q @ k[:, :, :p].transpose(-2, -1), q @ k[:, :, p:].transpose(-2, -1)], dim=-1)\n"
+        "    scores = scores * head_dim ** -0.5\n"))

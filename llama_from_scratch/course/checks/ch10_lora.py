@@ -12,6 +12,11 @@
   rank_pattern, alpha_pattern))``. The adapted modules, their ranks, which parameters train, and
   the logits once both get the same random adapters are compared; targets PEFT refuses must raise
   ``ValueError``.
+* ``prefix_attention``: PEFT's ``PrefixTuningConfig`` on a tiny transformers Llama (eager
+  attention, weights drawn here and scaled so that attention is far from uniform) runs a batch
+  with left and right padding; a hook records one layer's attention input and output. The learner's
+  function gets that input, the layer's projection weights and the layer's prefix (read from PEFT's
+  flat prefix in PEFT's layout) and must return the recorded output on the real tokens.
 
 Inputs (sizes, ranks, alphas, weights, targets, patterns) are drawn afresh at every run.
 Measured on PEFT 0.21 / torch 2.13 (CPU): the solution gives PEFT's outputs, gradients and merged
@@ -35,8 +40,10 @@ from torch import nn
 
 from llama_from_scratch.course.checks.common import (
     Construct,
+    as_tensor,
     assert_close,
     assert_equal,
+    call_answer,
     fresh_generator,
     fresh_rng,
     quiet_transformers,
@@ -47,6 +54,7 @@ FORBIDDEN = {
     "LoRALinear": ["peft"],
     "DoRALinear": ["peft"],
     "apply_lora": ["peft"],
+    "prefix_attention": ["peft", "transformers"],
 }
 
 
@@ -478,8 +486,87 @@ def check_apply_lora(fn: Callable) -> None:
                              f"target {why}), as PEFT does")
 
 
+
+# ----- prefix_attention: one attention layer of PEFT's prefix tuning -------------------------------
+
+def _prefix_case(rng: random.Random, gen: torch.Generator, n_kv_heads: int, n_heads: int, length: int):
+    """A tiny Llama under PEFT's prefix tuning; returns (arguments for the learner, expected output,
+    mask of the real tokens, description)."""
+    peft, transformers = _peft(), quiet_transformers()
+    head_dim, n_layers = rng.choice([8, 16]), 3
+    prefix_len, batch = rng.randrange(1, 7), rng.randrange(2, 4)
+    theta = rng.choice([10000.0, 500000.0])
+    cfg = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=n_heads * head_dim, intermediate_size=24, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim, max_position_embeddings=64,
+        rope_theta=theta, rope_parameters={"rope_type": "default", "rope_theta": theta}, attn_implementation="eager")
+    with torch.random.fork_rng():
+        torch.manual_seed(int(torch.randint(0, 2 ** 31, (1,), generator=gen)))
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    dim = n_heads * head_dim
+    with torch.no_grad():  # scores of order 1 and more: attention far from uniform, positions matter
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
+                p.copy_(torch.randn(p.shape, generator=gen) * 1.5 / math.sqrt(dim))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.get_peft_model(model, peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                        num_virtual_tokens=prefix_len))
+    encoder = peft_model.prompt_encoder["default"]
+    with torch.no_grad():
+        encoder.embedding.weight.copy_(torch.randn(encoder.embedding.weight.shape, generator=gen))
+    layer_idx = rng.randrange(n_layers)
+    attention = peft_model.get_base_model().model.layers[layer_idx].self_attn
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(module, args, kwargs, output):
+        seen["x"] = kwargs["hidden_states"].detach().clone()
+        seen["out"] = output[0].detach().clone()
+
+    ids = torch.randint(0, 50, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if length > 1:
+        mask[0, : rng.randrange(1, length)] = 0  # left padding: padded keys sit between the prefix and the tokens
+        mask[-1, rng.randrange(1, length):] = 0  # right padding
+    handle = attention.register_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    flat = encoder.embedding.weight.detach().view(prefix_len, 2 * n_layers, n_kv_heads, head_dim)
+    prefix_key = flat[:, 2 * layer_idx].transpose(0, 1).contiguous()        # [n_kv_heads, P, head_dim]
+    prefix_value = flat[:, 2 * layer_idx + 1].transpose(0, 1).contiguous()
+    args = (seen["x"], attention.q_proj.weight.detach().clone(), attention.k_proj.weight.detach().clone(),
+            attention.v_proj.weight.detach().clone(), attention.o_proj.weight.detach().clone(), prefix_key,
+            prefix_value, mask.clone(), n_heads, theta)
+    what = (f"prefix_attention(x [{batch}, {length}, {dim}], n_heads={n_heads}, {n_kv_heads} key/value heads of "
+            f"{head_dim}, prefix of {prefix_len}, rope_theta={theta:g}, padding mask {mask.tolist()})")
+    return args, seen["out"], mask.bool(), what
+
+
+def check_prefix_attention(fn: Callable) -> None:
+    rng, gen = fresh_rng(), fresh_generator()
+    cases = [(2, 4, rng.randrange(4, 9)), (1, 2, rng.randrange(4, 9)), (4, 4, rng.randrange(4, 9)),
+             (rng.choice([1, 2]), 4, 1)]
+    for n_kv_heads, n_heads, length in cases:
+        args, expected, real, what = _prefix_case(rng, gen, n_kv_heads, n_heads, length)
+        got = as_tensor(call_answer(fn, what, *args), what)
+        if tuple(got.shape) != tuple(expected.shape):
+            raise AssertionError(f"{what}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}; the output "
+                                 "is o_proj of the heads merged back, [B, T, dim]")
+        assert_close(got[real], expected[real], f"{what}: output at the real (unpadded) tokens", rtol=1e-4,
+                     atol=1e-5 * max(1.0, float(expected.abs().max())),
+                     hint="queries and the tokens' keys are rotated at positions P + t (the prefix occupies 0 .. P-1); "
+                     "the prefix keys are used as they are, without RoPE; every query sees the whole prefix, the "
+                     "tokens up to itself, and no padding; key/value head j serves query heads j * n_rep .. "
+                     "(j + 1) * n_rep - 1")
+
+
 CHECKS = {
     "LoRALinear": check_lora_linear,
     "apply_lora": check_apply_lora,
     "DoRALinear": check_dora_linear,
+    "prefix_attention": check_prefix_attention,
 }
