@@ -336,6 +336,24 @@ class PrefixTuning(_VirtualTokens):
         self.prompt_encoder = PrefixEncoder(num_virtual_tokens, c.n_layers, c.n_kv_heads * c.head_dim,
                                             prefix_projection, encoder_hidden_size).to(model.lm_head.weight.device)
 
+    @torch.no_grad()
+    def init_from_tokens(self, token_ids: Sequence[int]) -> None:
+        """Li & Liang's initialisation: the prefix becomes the keys and values the frozen model
+        computes for ``P`` real tokens at positions ``0 .. P - 1`` (what its KV cache would hold
+        after reading them), so training starts from the model reading those tokens first instead
+        of from random keys. Needs ``prefix_projection=False`` (the MLP's output cannot be set)."""
+        if self.prompt_encoder.prefix_projection:
+            raise ValueError("init_from_tokens sets the prefix itself: it needs prefix_projection=False")
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=self.model.lm_head.weight.device)
+        if ids.shape != (self.num_virtual_tokens,):
+            raise ValueError(f"need exactly num_virtual_tokens={self.num_virtual_tokens} token ids, got {ids.numel()}")
+        c = self.model.config
+        cache = self.model.make_kv_cache(batch_size=1, max_seq_len=self.num_virtual_tokens)
+        self.model(ids[None], kv_cache=cache)
+        kv = torch.stack([cache.k[:, 0], cache.v[:, 0]], dim=1)  # [n_layers, 2, n_kv_heads, P, head_dim]
+        flat = kv.reshape(2 * c.n_layers, c.n_kv_heads, self.num_virtual_tokens, c.head_dim).permute(2, 0, 1, 3)
+        self.prompt_encoder.embedding.weight.copy_(flat.reshape(self.num_virtual_tokens, -1))
+
     def prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys and values of every layer, each ``[n_layers, n_kv_heads, P, head_dim]``."""
         c = self.model.config

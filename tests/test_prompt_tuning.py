@@ -239,6 +239,26 @@ def test_prefix_keys_are_not_rotated_and_positions_start_after_the_prefix():
         cache.update(0, seen[0][2][0][:, :, P:], seen[0][2][1][:, :, P:], 0)
 
 
+def test_initialised_from_tokens_equals_reading_those_tokens_first():
+    """Internal consistency: prompt tuning initialised from tokens, and prefix tuning initialised
+    from their keys and values (Li & Liang), both give the logits of the model reading those
+    tokens before the input (same positions, same attention): prefix tuning *is* a KV cache."""
+    model = tiny_llama()
+    prefix_ids = [7, 3, 200, 41, 99]
+    x = ids(batch=2, length=7)
+    with torch.no_grad():
+        expected = model(torch.cat([torch.tensor([prefix_ids] * 2), x], dim=1))[:, P:]
+        prompt = PromptTuning(copy.deepcopy(model), P, init="tokens", init_token_ids=prefix_ids)
+        prefix = PrefixTuning(copy.deepcopy(model), P)
+        prefix.init_from_tokens(prefix_ids)
+        torch.testing.assert_close(prompt(x), expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(prefix(x), expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="exactly num_virtual_tokens"):
+        prefix.init_from_tokens(prefix_ids[:3])
+    with pytest.raises(ValueError, match="prefix_projection=False"):
+        PrefixTuning(copy.deepcopy(model), P, prefix_projection=True).init_from_tokens(prefix_ids)
+
+
 def test_backbone_inputs_embeds_equals_input_ids():
     model = tiny_llama()
     x = ids()
