@@ -2,9 +2,9 @@
 the assistant turns only, a dataset the chapter's training code takes as it is.
 
 Vicuna (Chiang et al., 2023) fine-tuned LLaMA on 70K conversations shared by ChatGPT users
-(ShareGPT), "computing the fine-tuning loss only on the chatbot's output": a conversation is one
-sequence, rendered with the chat template, and every assistant turn is a response to learn, each
-seeing the whole history before it. The user turns (and the system message, and the template's
+(ShareGPT), and "compute[d] the fine-tuning loss solely on the chatbot's output": a conversation
+is one sequence, rendered with the chat template, and every assistant turn is a response to
+learn, each seeing the whole history before it. The user turns (and the system message, and the template's
 headers) are context: their labels are ``-100``.
 
 The convention is chapter 9's for one turn (:func:`~llama_from_scratch.instruct.format_chatml`):
