@@ -304,7 +304,8 @@ def instruction_collate(batch: Sequence[Mapping[str, Any]], pad_token_id: int, i
         if own is not None:
             own = own if isinstance(own, torch.Tensor) else torch.tensor(list(own), dtype=torch.long)
             if own.shape != ids.shape:
-                raise ValueError(f"example {i}: labels of shape {tuple(own.shape)} for input_ids of shape {tuple(ids.shape)}")
+                raise ValueError(f"example {i}: labels of shape {tuple(own.shape)} for input_ids of shape "
+                                 f"{tuple(ids.shape)}")
         p = item.get("prompt_length", 0)
         if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= ids.numel():
             raise ValueError(f"example {i}: prompt_length must be an int in [0, {ids.numel()}], got {p!r}")
