@@ -25,7 +25,6 @@ labels against an independent construction: each turn tokenized on its own as th
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from llama_from_scratch.data_files import find_data_dir
+from llama_from_scratch.data_files import find_data_dir, read_jsonl
 from llama_from_scratch.smollm2_tokenizer import render_chatml
 
 __all__ = [
@@ -286,19 +285,12 @@ def load_conversations(split: str = "train", data_dir: str | os.PathLike | None 
     out: list[dict[str, Any]] = []
     for name in (["train", "test"] if split == "all" else [split]):
         path = folder / f"{name}.jsonl"
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-                if not isinstance(row, dict) or "messages" not in row:
-                    raise ValueError(f"{path}:{line_no}: expected an object with 'messages'")
-                try:
-                    check_conversation(row["messages"])
-                except ValueError as e:
-                    raise ValueError(f"{path}:{line_no}: {e}") from None
-                out.append(row)
+        for line_no, row in read_jsonl(path):
+            if not isinstance(row, dict) or "messages" not in row:
+                raise ValueError(f"{path}:{line_no}: expected an object with 'messages'")
+            try:
+                check_conversation(row["messages"])
+            except ValueError as e:
+                raise ValueError(f"{path}:{line_no}: {e}") from None
+            out.append(row)
     return out

@@ -9,8 +9,11 @@ layouts point at it with an environment variable.
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 def find_data_dir(name: str, env_var: str, description: str,
@@ -38,3 +41,18 @@ def find_data_dir(name: str, env_var: str, description: str,
     tried = ", ".join(str(c) for c in candidates)
     raise FileNotFoundError(f"{description} not found (looked for {marker} in: {tried}); install the "
                             f"package from its wheel, run from a checkout of the repository, or set {env_var} to the folder holding {marker}")
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for every non-blank line of the JSON Lines file ``path``.
+
+    A line that is not valid JSON raises ``ValueError`` naming the file and the line, so that a
+    damaged data file says where it is damaged instead of failing somewhere downstream."""
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield line_no, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None

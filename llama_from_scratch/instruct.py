@@ -27,7 +27,6 @@ with its EOS token (id 2), and the real EOS after each response must keep its la
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -37,7 +36,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from llama_from_scratch.data_files import find_data_dir
+from llama_from_scratch.data_files import find_data_dir, read_jsonl
 from llama_from_scratch.loss import cross_entropy
 
 __all__ = [
@@ -436,12 +435,5 @@ def load_instructions(split: str = "train", data_dir: str | os.PathLike | None =
     folder = instructions_dir(data_dir)
     out: list[dict[str, Any]] = []
     for name in (["train", "test"] if split == "all" else [split]):
-        path = folder / f"{name}.jsonl"
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        out.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
+        out.extend(row for _, row in read_jsonl(folder / f"{name}.jsonl"))
     return out

@@ -15,14 +15,13 @@ ones. :func:`preference_margin` gives Llama 2's two margin scales (its Table 28)
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llama_from_scratch.data_files import find_data_dir
+from llama_from_scratch.data_files import find_data_dir, read_jsonl
 
 SPLITS = ("train", "test", "all")
 KINDS = ("correctness", "concision", "style", "refusal")
@@ -65,19 +64,12 @@ def load_preferences(split: str = "train", data_dir: str | os.PathLike | None = 
     out: list[dict[str, Any]] = []
     for name in (["train", "test"] if split == "all" else [split]):
         path = folder / f"{name}.jsonl"
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    pair = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({e})") from None
-                missing = [k for k in FIELDS if k not in pair]
-                if missing:
-                    raise ValueError(f"{path}:{line_no}: missing field(s) {missing}")
-                if kind is None or pair["kind"] == kind:
-                    out.append(pair)
+        for line_no, pair in read_jsonl(path):
+            missing = [k for k in FIELDS if k not in pair]
+            if missing:
+                raise ValueError(f"{path}:{line_no}: missing field(s) {missing}")
+            if kind is None or pair["kind"] == kind:
+                out.append(pair)
     return out
 
 

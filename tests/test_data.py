@@ -211,3 +211,14 @@ def test_story_build_extends_the_committed_corpus_on_a_fresh_clone(tmp_path, mon
     write_batch(5, [_story(99)])
     with pytest.raises(SystemExit, match="must continue it"):
         build.finish()
+
+
+def test_read_jsonl_skips_blank_lines_and_names_the_bad_line(tmp_path):
+    from llama_from_scratch.data_files import read_jsonl
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"a": 1}\n\n[2, 3]\n', encoding="utf-8")
+    assert list(read_jsonl(path)) == [(1, {"a": 1}), (3, [2, 3])]
+    path.write_text('{"a": 1}\n{"b": \n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"rows\.jsonl:2: not valid JSON"):
+        list(read_jsonl(path))
