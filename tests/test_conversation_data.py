@@ -8,15 +8,14 @@ the introduction, the recalled question compared with the first user turn.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from llama_from_scratch.conversations import check_conversation, load_conversations
+from data_common import load_build_script
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "conversations"
 TASKS = {"arithmetic", "translation", "recall", "personal", "sorting", "units", "spelling"}
@@ -24,11 +23,7 @@ TASKS = {"arithmetic", "translation", "recall", "personal", "sorting", "units", 
 
 @pytest.fixture(scope="module")
 def build():
-    spec = importlib.util.spec_from_file_location("conversations_build", DATA / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_build_script("conversations")
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,7 @@ and by running the code answers.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -18,6 +16,7 @@ import pytest
 
 from llama_from_scratch.instruct import load_instructions
 from llama_from_scratch.self_instruct import rouge_l
+from data_common import load_build_script
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "instructions"
 CATEGORIES = {"explain", "rewrite", "classify", "extract", "summarise", "math", "code", "conversions", "lists",
@@ -26,11 +25,7 @@ CATEGORIES = {"explain", "rewrite", "classify", "extract", "summarise", "math", 
 
 @pytest.fixture(scope="module")
 def build():
-    spec = importlib.util.spec_from_file_location("instructions_build", DATA / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_build_script("instructions")
 
 
 @pytest.fixture(scope="module")

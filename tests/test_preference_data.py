@@ -8,11 +8,9 @@ mapping is checked against Llama 2's Table 28, written out here.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
-import sys
 from collections import Counter
 from fractions import Fraction
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from llama_from_scratch.preferences import load_preferences, preference_margin, preferences_dir
 from llama_from_scratch.reward import reward_loss
 from llama_from_scratch.self_instruct import rouge_l
+from data_common import load_build_script
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "preferences"
 CATEGORIES = {
@@ -43,11 +42,7 @@ HELD_OUT_FRACTION = 0.4  # of the hand-written concision, style and refusal item
 
 @pytest.fixture(scope="module")
 def build():
-    spec = importlib.util.spec_from_file_location("preferences_build", DATA / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_build_script("preferences")
 
 
 @pytest.fixture(scope="module")
