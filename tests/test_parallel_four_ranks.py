@@ -20,6 +20,7 @@ from llama_from_scratch.parallel.torch_native import fsdp2_llama
 from parallel_common import ADAMW, GLOBAL_BATCH, TOL, batches, fresh_model, needs_gloo, rank_rows
 from test_parallel_data import data_parallel_worker
 from test_parallel_data import train_one_process as train_one_process_state
+from test_parallel_zero import train_one_process as train_one_process_model
 from test_parallel_zero import zero_worker
 
 pytestmark = needs_gloo
@@ -91,11 +92,5 @@ def test_zero_bytes_per_rank_equal_the_formula_for_four_ranks(ranks_results, sta
 
 def test_fsdp2_on_one_process_trains_as_the_plain_model():
     (weights,) = run_on_processes(fsdp2_worker, 1)
-    model = fresh_model()
-    opt = torch.optim.AdamW(model.parameters(), **ADAMW)
-    for x, y in batches():
-        model(x, targets=y).backward()
-        opt.step()
-        opt.zero_grad()
-    for name, value in model.named_parameters():
+    for name, value in train_one_process_model().named_parameters():
         torch.testing.assert_close(weights[name], value.detach(), **TOL, msg=name)
