@@ -50,7 +50,7 @@ def _wsd(step, w, s, d, up="linear", down="cosine", r=0.0, *, plus_one=False, ra
     dict(sqrt_flip=True),         # sqrt(1 - q) for the 1-sqrt decay
 ], ids=lambda o: next(iter(o)))
 def test_wsd_wrong(options):
-    fails("wsd_lr_lambda", lambda *a: _wsd(*a, **options))
+    assert fails("wsd_lr_lambda", lambda *a: _wsd(*a, **options))
 
 
 def test_wsd_with_phase_boundaries_and_num_cycles_passes():
@@ -68,7 +68,7 @@ def test_wsd_with_phase_boundaries_and_num_cycles_passes():
             shape = {"linear": 1 - q, "cosine": 0.5 * (1 + math.cos(math.pi * 0.5 * 2.0 * q)), "1-sqrt": 1 - q ** 0.5}[down]
         return shape * (1 - r) + r
 
-    CHECKS["wsd_lr_lambda"](by_boundaries)
+    assert CHECKS["wsd_lr_lambda"](by_boundaries) is None
 
 
 # ----- clip_grad_norm -------------------------------------------------------------------------
@@ -100,11 +100,11 @@ def _clip(grads, max_norm, p=2.0, *, always=False, per_tensor=False, eps=1e-6, a
     dict(sum_of_norms=True),      # adds the per-tensor norms
 ], ids=lambda o: next(iter(o)))
 def test_clip_wrong(options):
-    fails("clip_grad_norm", lambda g, m, p=2.0: _clip(g, m, p, **options))
+    assert fails("clip_grad_norm", lambda g, m, p=2.0: _clip(g, m, p, **options))
 
 
 def test_clip_norm_of_norms_passes():
-    CHECKS["clip_grad_norm"](lambda g, m, p=2.0: _clip(g, m, p))
+    assert CHECKS["clip_grad_norm"](lambda g, m, p=2.0: _clip(g, m, p)) is None
 
 
 # ----- adamw_step -----------------------------------------------------------------------------
@@ -144,12 +144,12 @@ def _adamw(params, grads, state, lr, betas=(0.9, 0.999), eps=1e-8, wd=0.01, *, c
     dict(names=("m", "v")),           # its own state names: cannot resume torch's state
 ], ids=lambda o: next(iter(o)))
 def test_adamw_wrong(options):
-    fails("adamw_step", lambda *a: _adamw(*a, **options))
+    assert fails("adamw_step", lambda *a: _adamw(*a, **options))
 
 
 def test_adamw_by_the_formula_passes():
     """Chapter 8's order of operations (m_hat, v_hat), not torch's (lerp, addcdiv): equal within float32."""
-    CHECKS["adamw_step"](lambda *a: _adamw(*a))
+    assert CHECKS["adamw_step"](lambda *a: _adamw(*a)) is None
 
 
 # ----- train ----------------------------------------------------------------------------------
@@ -205,11 +205,11 @@ def _train(model, blocks, batches, config, *, divide=True, lr_shift=0, clip_on=T
     dict(last_loss=True),     # reports the last micro-batch's loss
 ], ids=lambda o: next(iter(o)))
 def test_train_wrong(options):
-    fails("train", lambda *a: _train(*a, **options))
+    assert fails("train", lambda *a: _train(*a, **options))
 
 
 def test_train_with_summed_token_losses_passes():
-    CHECKS["train"](lambda *a: _train(*a, token_sum=True))
+    assert CHECKS["train"](lambda *a: _train(*a, token_sum=True)) is None
 
 
 # ----- document_mask --------------------------------------------------------------------------
@@ -253,11 +253,11 @@ def _plain_causal(input_ids, eos):
     dict(float_mask=True),        # an additive-style float mask instead of True/False
 ], ids=lambda o: next(iter(o)))
 def test_document_mask_wrong(options):
-    fails("document_mask", lambda ids, eos: _document_mask(ids, eos, **options))
+    assert fails("document_mask", lambda ids, eos: _document_mask(ids, eos, **options))
 
 
 def test_document_mask_plain_causal_fails():
-    fails("document_mask", _plain_causal)
+    assert fails("document_mask", _plain_causal)
 
 
 def test_document_mask_by_loops_passes():
@@ -275,11 +275,11 @@ def test_document_mask_by_loops_passes():
                     start = i + 1
         return mask, positions
 
-    CHECKS["document_mask"](by_loops)
+    assert CHECKS["document_mask"](by_loops) is None
 
 
 def test_document_mask_returned_as_a_list_passes():
-    CHECKS["document_mask"](lambda ids, eos: list(_document_mask(ids, eos)))
+    assert CHECKS["document_mask"](lambda ids, eos: list(_document_mask(ids, eos))) is None
 
 
 # ----- chinchilla_allocation ------------------------------------------------------------------
@@ -328,8 +328,8 @@ def _allocation(law, budgets, runs, *, swap=False, no_six=False, d_without_six=F
     dict(run_compute=True),     # the run's own 6 N D as its equivalent compute
 ], ids=lambda o: next(iter(o)))
 def test_chinchilla_allocation_wrong(options):
-    fails("chinchilla_allocation", lambda *a: _allocation(*a, **options))
+    assert fails("chinchilla_allocation", lambda *a: _allocation(*a, **options))
 
 
 def test_chinchilla_allocation_by_bisection_passes():
-    CHECKS["chinchilla_allocation"](lambda *a: _allocation(*a, bisect=True))
+    assert CHECKS["chinchilla_allocation"](lambda *a: _allocation(*a, bisect=True)) is None

@@ -104,18 +104,18 @@ LINEAR_WRONG = {
 
 @pytest.mark.parametrize("wrong", list(LINEAR_WRONG))
 def test_linear_nf4_wrong(wrong):
-    fails("LinearNF4", *LINEAR_WRONG[wrong])
+    assert fails("LinearNF4", *LINEAR_WRONG[wrong])
 
 
 def test_linear_nf4_byte_table_passes():
     # dequantize through a 256-row table: both values of a byte in one lookup
-    run("LinearNF4", namespace(
+    assert run("LinearNF4", namespace(
         "LinearNF4",
         "        codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)[:n].long()\n"
         "        return (NF4_CODE[codes] * ",
         "        table = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)\n"
         "        values = table[packed.long()].reshape(-1)[:n]\n"
-        "        return (values * "))
+        "        return (values * ")) is None
 
 
 # ----- qlora_step (capstone) ----------------------------------------------------------------------
@@ -144,16 +144,16 @@ STEP_WRONG = {
 
 @pytest.mark.parametrize("wrong", list(STEP_WRONG))
 def test_qlora_step_wrong(wrong):
-    fails("qlora_step", *STEP_WRONG[wrong])
+    assert fails("qlora_step", *STEP_WRONG[wrong])
 
 
 def test_qlora_step_own_loss_passes():
     # the shifted cross-entropy written out instead of transformers' labels loss
-    run("qlora_step", namespace(
+    assert run("qlora_step", namespace(
         "qlora_step", "loss = model(input_ids=input_ids, labels=labels).loss",
         "logits = model(input_ids=input_ids).logits.float()\n"
         "    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), "
-        "ignore_index=-100)"))
+        "ignore_index=-100)")) is None
 
 
 # ----- quantize_asymmetric and dequantize_asymmetric ----------------------------------------------
