@@ -38,7 +38,7 @@ def interleave_no_transpose(w, n_heads):         # reshapes but forgets to swap 
 
 @pytest.mark.parametrize("wrong", [interleave_forward_again, interleave_one_head, interleave_no_transpose])
 def test_rotate_half_to_interleaved_wrong(wrong):
-    fails("rotate_half_to_interleaved", wrong)
+    assert fails("rotate_half_to_interleaved", wrong)
 
 
 def test_rotate_half_to_interleaved_other_form_passes():
@@ -46,7 +46,7 @@ def test_rotate_half_to_interleaved_other_form_passes():
         d = w.shape[0] // n_heads
         within = torch.tensor([(j % 2) * (d // 2) + j // 2 for j in range(d)])
         return torch.stack([w[h * d + within] for h in range(n_heads)]).reshape(w.shape)
-    CHECKS["rotate_half_to_interleaved"](rotate_half_to_interleaved)
+    assert CHECKS["rotate_half_to_interleaved"](rotate_half_to_interleaved) is None
 
 
 # ----- rope_init ----------------------------------------------------------------------------------
@@ -86,11 +86,11 @@ def _variant(**changes):
 @pytest.mark.parametrize("change", ["head_dim_from_hidden", "ignore_partial", "no_clamp", "no_exponent",
                                    "linear_multiplies", "blend_swapped"])
 def test_rope_init_wrong(change):
-    fails("rope_init", _variant(**{change: True}))
+    assert fails("rope_init", _variant(**{change: True}))
 
 
 def test_rope_init_right_variant_passes():    # the test's own variant machinery is right when nothing changes
-    CHECKS["rope_init"](_variant())
+    assert CHECKS["rope_init"](_variant()) is None
 
 
 def test_rope_init_other_form_passes():
@@ -121,7 +121,7 @@ def test_rope_init_other_form_passes():
                     out.append((1 - s) * f32 / fac + s * f32)
             freqs = out
         return torch.tensor(freqs, dtype=torch.float32), 1.0
-    CHECKS["rope_init"](rope_init)
+    assert CHECKS["rope_init"](rope_init) is None
 
 
 # ----- yarn_init ----------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def _yarn_variant(**changes):
 
 @pytest.mark.parametrize("change", ["ignore_mscale", "betas_swapped", "always_truncate", "ramp_reversed"])
 def test_yarn_init_wrong(change):
-    fails("yarn_init", _yarn_variant(**{change: True}))
+    assert fails("yarn_init", _yarn_variant(**{change: True}))
 
 
 def test_yarn_init_without_factor_fallback_fails():
@@ -175,11 +175,11 @@ def test_yarn_init_without_factor_fallback_fails():
         if config["rope_parameters"]["factor"] is None:
             raise TypeError("unsupported operand type(s) for *: 'NoneType' and 'float'")
         return _yarn_variant()(config)
-    fails("yarn_init", yarn_init)
+    assert fails("yarn_init", yarn_init)
 
 
 def test_yarn_init_right_variant_passes():
-    CHECKS["yarn_init"](_yarn_variant())
+    assert CHECKS["yarn_init"](_yarn_variant()) is None
 
 
 def test_yarn_init_other_form_passes():
@@ -207,7 +207,7 @@ def test_yarn_init_other_form_passes():
             e = float(1.0 / torch.tensor(base, dtype=torch.float32) ** torch.tensor(2 * i / dim, dtype=torch.float32))
             out.append(e / f * r + e * (1 - r))
         return torch.tensor(out, dtype=torch.float32), float(a)
-    CHECKS["yarn_init"](yarn_init)
+    assert CHECKS["yarn_init"](yarn_init) is None
 
 
 # ----- apply_rotary -------------------------------------------------------------------------------
@@ -246,11 +246,11 @@ def _rotary_variant(**changes):
 @pytest.mark.parametrize("change", ["first_row_positions", "angles_in_dtype", "no_scaling", "interleaved",
                                     "split_whole_head"])
 def test_apply_rotary_wrong(change):
-    fails("apply_rotary", _rotary_variant(**{change: True}))
+    assert fails("apply_rotary", _rotary_variant(**{change: True}))
 
 
 def test_apply_rotary_right_variant_passes():
-    CHECKS["apply_rotary"](_rotary_variant())
+    assert CHECKS["apply_rotary"](_rotary_variant()) is None
 
 
 def test_apply_rotary_other_form_passes():
@@ -264,4 +264,4 @@ def test_apply_rotary_other_form_passes():
             return torch.cat((z.real.to(x.dtype), z.imag.to(x.dtype), x[..., r:]), dim=-1)
 
         return rotate(q), rotate(k)
-    CHECKS["apply_rotary"](apply_rotary)
+    assert CHECKS["apply_rotary"](apply_rotary) is None

@@ -79,14 +79,14 @@ def _dequant_variant(**changes):
 
 
 def test_dequantize_correct_in_torch_and_float64_passes():
-    CHECKS["dequantize_ggml"](_dequant_variant())
-    CHECKS["dequantize_ggml"](_dequant_variant(float64=True))  # every product and sum is exact in float64
+    assert CHECKS["dequantize_ggml"](_dequant_variant()) is None
+    assert CHECKS["dequantize_ggml"](_dequant_variant(float64=True)) is None  # every product and sum is exact in float64
 
 
 @pytest.mark.parametrize("change", ["shape_not_reversed", "q5_0_offset_8", "qh_reversed", "qh_big_endian",
                                     "bf16_as_f16", "no_min", "interleaved_nibbles"])
 def test_dequantize_wrong(change):
-    fails("dequantize_ggml", _dequant_variant(**{change: True}))
+    assert fails("dequantize_ggml", _dequant_variant(**{change: True}))
 
 
 # ----- GGUFTokenizer ----------------------------------------------------------------------------
@@ -151,14 +151,14 @@ def _tokenizer_variant(change):
 
 @pytest.mark.smollm2
 def test_tokenizer_merging_all_occurrences_passes():
-    CHECKS["GGUFTokenizer"](_tokenizer_variant(None))
+    assert CHECKS["GGUFTokenizer"](_tokenizer_variant(None)) is None
 
 
 @pytest.mark.smollm2
 @pytest.mark.parametrize("change", ["latin1_alphabet", "eos_is_bos", "leftmost_merge", "no_special_split",
                                     "no_pretokenizer", "decode_ignore"])
 def test_tokenizer_wrong(change):
-    fails("GGUFTokenizer", _tokenizer_variant(change))
+    assert fails("GGUFTokenizer", _tokenizer_variant(change))
 
 
 # ----- LlamaBlock -------------------------------------------------------------------------------
@@ -222,13 +222,13 @@ def _block_variant(change):
 
 
 def test_block_per_head_loop_passes():
-    CHECKS["LlamaBlock"](_block_variant(None))
+    assert CHECKS["LlamaBlock"](_block_variant(None)) is None
 
 
 @pytest.mark.parametrize("change", ["eps_outside_sqrt", "interleaved_rope", "rope_on_v", "tiled_kv_heads",
                                     "scale_by_dim", "no_causal_mask", "post_norm", "no_mlp_residual"])
 def test_block_wrong(change):
-    fails("LlamaBlock", _block_variant(change))
+    assert fails("LlamaBlock", _block_variant(change))
 
 
 # ----- load_llama_from_gguf ---------------------------------------------------------------------
@@ -278,7 +278,7 @@ def test_interleave_undoes_permute_qk():
 @pytest.mark.parametrize("change", ["no_permutation", "only_q_permuted", "default_rope_theta", "default_norm_eps",
                                     "untied_head"])
 def test_loader_wrong(change):
-    fails("load_llama_from_gguf", _loader_variant(change))
+    assert fails("load_llama_from_gguf", _loader_variant(change))
 
 
 # ----- ask_smollm2 ------------------------------------------------------------------------------
@@ -313,11 +313,11 @@ def _ask_variant(change):
 
 @pytest.mark.smollm2
 def test_ask_with_pieces_encoded_separately_passes():
-    CHECKS["ask_smollm2"](_ask_variant("pieces_encoded_separately"))
+    assert CHECKS["ask_smollm2"](_ask_variant("pieces_encoded_separately")) is None
 
 
 @pytest.mark.smollm2
 @pytest.mark.parametrize("change", ["no_system_prompt", "no_eos_stop", "one_too_many", "one_too_few", "eos_in_text",
                                     "text_with_prompt"])
 def test_ask_wrong(change):
-    fails("ask_smollm2", _ask_variant(change))
+    assert fails("ask_smollm2", _ask_variant(change))

@@ -61,17 +61,17 @@ LORA_WRONG = {
 
 @pytest.mark.parametrize("wrong", list(LORA_WRONG))
 def test_lora_linear_wrong(wrong):
-    fails("LoRALinear", *LORA_WRONG[wrong])
+    assert fails("LoRALinear", *LORA_WRONG[wrong])
 
 
 def test_lora_linear_other_order_passes():
     # scaling folded into A's output, products through the weights rather than the modules
-    run("LoRALinear", namespace(
+    assert run("LoRALinear", namespace(
         "LoRALinear",
         "branch = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))))\n"
         "        return (result + branch * self.scaling).to(result.dtype)",
         "h = self.lora_dropout(x.to(self.lora_A.weight.dtype)) @ self.lora_A.weight.T\n"
-        "        return (result + (h * self.scaling) @ self.lora_B.weight.T).to(result.dtype)"))
+        "        return (result + (h * self.scaling) @ self.lora_B.weight.T).to(result.dtype)")) is None
 
 
 # ----- apply_lora ---------------------------------------------------------------------------------
@@ -93,14 +93,14 @@ APPLY_WRONG = {
 
 @pytest.mark.parametrize("wrong", list(APPLY_WRONG))
 def test_apply_lora_wrong(wrong):
-    fails("apply_lora", *APPLY_WRONG[wrong])
+    assert fails("apply_lora", *APPLY_WRONG[wrong])
 
 
 def test_apply_lora_other_matching_passes():
     # list matching with a regular expression anchored at a dot (or the start) instead of endswith
-    run("apply_lora", namespace(
+    assert run("apply_lora", namespace(
         "apply_lora", "any(n == t or n.endswith(\".\" + t) for t in target_modules)",
-        "any(re.search(r\"(^|\\.)\" + re.escape(t) + \"$\", n) for t in target_modules)"))
+        "any(re.search(r\"(^|\\.)\" + re.escape(t) + \"$\", n) for t in target_modules)")) is None
 
 
 # ----- DoRALinear ---------------------------------------------------------------------------------
@@ -122,14 +122,14 @@ DORA_WRONG = {
 
 @pytest.mark.parametrize("wrong", list(DORA_WRONG))
 def test_dora_linear_wrong(wrong):
-    fails("DoRALinear", *DORA_WRONG[wrong])
+    assert fails("DoRALinear", *DORA_WRONG[wrong])
 
 
 def test_dora_linear_other_norm_passes():
     # the row norm as the square root of a sum of squares
-    run("DoRALinear", namespace(
+    assert run("DoRALinear", namespace(
         "DoRALinear", "norm = torch.linalg.norm(weight + self.get_delta_weight().detach(), dim=1).detach()",
-        "norm = (weight + self.get_delta_weight()).detach().pow(2).sum(dim=1).sqrt()"))
+        "norm = (weight + self.get_delta_weight()).detach().pow(2).sum(dim=1).sqrt()")) is None
 
 
 # ----- prefix_attention ---------------------------------------------------------------------------
@@ -152,19 +152,19 @@ PREFIX_WRONG = {
 
 @pytest.mark.parametrize("wrong", list(PREFIX_WRONG))
 def test_prefix_attention_wrong(wrong):
-    fails("prefix_attention", *PREFIX_WRONG[wrong])
+    assert fails("prefix_attention", *PREFIX_WRONG[wrong])
 
 
 def test_prefix_attention_other_formulation_passes():
     # PyTorch's fused attention with the boolean mask, and the prefix scores taken as a block of their own
-    run("prefix_attention", namespace(
+    assert run("prefix_attention", namespace(
         "prefix_attention",
         "    scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)\n"
         "    scores = scores.masked_fill(~allowed, float(\"-inf\"))\n"
         "    out = torch.softmax(scores, dim=-1) @ v\n",
-        "    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)\n"))
-    run("prefix_attention", namespace(
+        "    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)\n")) is None
+    assert run("prefix_attention", namespace(
         "prefix_attention",
         "    scores = (q @ k.transpose(-2, -1)) / math.sqrt(head_dim)\n",
         "    scores = torch.cat([q @ k[:, :, :p].transpose(-2, -1), q @ k[:, :, p:].transpose(-2, -1)], dim=-1)\n"
-        "    scores = scores * head_dim ** -0.5\n"))
+        "    scores = scores * head_dim ** -0.5\n")) is None

@@ -79,7 +79,7 @@ def loss_ignores_center(rewards, margin=None, center_rewards_coefficient=None):
 @pytest.mark.parametrize("wrong", [loss_interleaved, loss_margin_added, loss_center_all_rewards, loss_sum,
                                    loss_log_sigmoid, loss_ignores_center])
 def test_reward_model_loss_wrong(wrong):
-    fails("reward_model_loss", wrong)
+    assert fails("reward_model_loss", wrong)
 
 
 def test_reward_model_loss_softplus_passes():
@@ -92,7 +92,7 @@ def test_reward_model_loss_softplus_passes():
         if center_rewards_coefficient:
             loss = loss + center_rewards_coefficient * pairs.sum(0).pow(2).mean()
         return loss
-    passes("reward_model_loss", reward_model_loss)
+    assert passes("reward_model_loss", reward_model_loss) is None
 
 
 # ---------------------------------------------------------------------------------------------- ranking_loss
@@ -141,7 +141,7 @@ def ranking_adjacent_only(rewards, num_answers):
 @pytest.mark.parametrize("wrong", [ranking_mean_over_all_pairs, ranking_ignores_counts, ranking_off_by_one,
                                    ranking_reversed, ranking_adjacent_only])
 def test_ranking_loss_wrong(wrong):
-    fails("ranking_loss", wrong)
+    assert fails("ranking_loss", wrong)
 
 
 def test_ranking_loss_loop_passes():
@@ -151,7 +151,7 @@ def test_ranking_loss_loop_passes():
             terms = [F.softplus(row[j] - row[i]) for i, j in itertools.combinations(range(n), 2)]
             per_prompt.append(torch.stack(terms).mean())
         return sum(per_prompt) / len(per_prompt)
-    passes("ranking_loss", ranking_loss)
+    assert passes("ranking_loss", ranking_loss) is None
 
 
 # ---------------------------------------------------------------------------------------------- LlamaRewardModel
@@ -197,7 +197,7 @@ def last_real(mask):
     reward_model(last_real, bias=True),                                            # a bias: not HF's layout
 ])
 def test_reward_model_wrong(wrong):
-    fails("LlamaRewardModel", wrong)
+    assert fails("LlamaRewardModel", wrong)
 
 
 def test_reward_model_gather_and_position_ids_passes():
@@ -221,7 +221,7 @@ def test_reward_model_gather_and_position_ids_passes():
             last = mask.shape[1] - 1 - mask.flip(1).argmax(1)       # last 1 = first 1 of the flipped row
             picked = hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
             return (picked @ self.score.weight.T)[:, 0]
-    passes("LlamaRewardModel", LlamaRewardModel)
+    assert passes("LlamaRewardModel", LlamaRewardModel) is None
 
 
 # ---------------------------------------------------------------------------------------------- train_reward_model
@@ -278,7 +278,7 @@ def trainer(pad=lambda model: model.config.pad_token_id, decay=None, divide=True
     trainer(default_eps=True),                    # adam_epsilon ignored (torch's 1e-8)
 ])
 def test_train_reward_model_wrong(wrong):
-    fails("train_reward_model", wrong)
+    assert fails("train_reward_model", wrong)
 
 
 def test_train_reward_model_scheduler_and_pad_sequence_passes():
@@ -312,7 +312,7 @@ def test_train_reward_model_scheduler_and_pad_sequence_passes():
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss)
         return losses, {k: v.clone() for k, v in model.state_dict().items()}
-    passes("train_reward_model", train_reward_model)
+    assert passes("train_reward_model", train_reward_model) is None
 
 
 # ---------------------------------------------------------------------------------------------- llama2_reward
@@ -344,7 +344,7 @@ def llama2(select=lambda h, s, tagged, t: tagged | (torch.sigmoid(s) < t), trans
     llama2(whiten=lambda x: x - x.mean()),                                           # centred only
 ])
 def test_llama2_reward_wrong(wrong):
-    fails("llama2_reward", wrong)
+    assert fails("llama2_reward", wrong)
 
 
 def test_llama2_reward_in_probabilities_float64_passes():
@@ -355,4 +355,4 @@ def test_llama2_reward_in_probabilities_float64_passes():
         r_c = torch.where(use, r_s, r_h)
         x = torch.log(r_c) - torch.log1p(-r_c)
         return ((x - x.mean()) / (x.std() + 1e-8)).float()      # std + eps: the same to 1e-8 / std
-    passes("llama2_reward", llama2_reward)
+    assert passes("llama2_reward", llama2_reward) is None

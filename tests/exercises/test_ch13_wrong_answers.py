@@ -71,7 +71,7 @@ def logprobs_variant(shift_labels=True, mask_shift=True, temperature=True, upcas
     logprobs_variant(naive=True),               # log(softmax): -inf then nan gradients under junk logits
 ])
 def test_token_logprobs_wrong(wrong):
-    fails("token_logprobs", wrong)
+    assert fails("token_logprobs", wrong)
 
 
 def test_token_logprobs_one_hot_passes():
@@ -82,7 +82,7 @@ def test_token_logprobs_one_hot_passes():
         one_hot = F.one_hot(input_ids[:, 1:], x.shape[-1]).to(x.dtype)
         picked = (torch.where(one_hot.bool(), x, 0.0)).sum(-1)
         return (picked - log_z) * completion_mask[:, 1:].to(x.dtype)
-    passes("token_logprobs", token_logprobs)
+    assert passes("token_logprobs", token_logprobs) is None
 
 
 # ---------------------------------------------------------------------------------------------- dpo_loss
@@ -123,7 +123,7 @@ def dpo_variant(pairing="halves", reduce="sum", detach=True, ipo_norm=True, robu
     dpo_variant(hinge_sign=-1.0),               # hinge on the wrong side
 ])
 def test_dpo_loss_wrong(wrong):
-    fails("dpo_loss", wrong)
+    assert fails("dpo_loss", wrong)
 
 
 def test_dpo_loss_softplus_passes():
@@ -144,7 +144,7 @@ def test_dpo_loss_softplus_passes():
             return ((z / beta - 0.5 / beta) ** 2).mean()
         e = label_smoothing
         return (((1 - e) * F.softplus(-z) - e * F.softplus(z)) / (1 - 2 * e)).mean()
-    passes("dpo_loss", dpo_loss)
+    assert passes("dpo_loss", dpo_loss) is None
 
 
 # ---------------------------------------------------------------------------------------------- ppo_advantages
@@ -205,7 +205,7 @@ def advantages_variant(eos_inclusive=True, score_at_end=False, k3_flip=False, wh
     advantages_variant(zero_values=False),      # junk values after the end enter GAE
 ])
 def test_ppo_advantages_wrong(wrong):
-    fails("ppo_advantages", wrong)
+    assert fails("ppo_advantages", wrong)
 
 
 def test_ppo_advantages_discount_matrix_passes():
@@ -237,7 +237,7 @@ def test_ppo_advantages_discount_matrix_passes():
         returns = (advantages + v) * mask
         mean, var = stats(advantages)
         return mask, rewards, ((advantages - mean) / torch.sqrt(var + 1e-8)) * mask, returns
-    passes("ppo_advantages", ppo_advantages)
+    assert passes("ppo_advantages", ppo_advantages) is None
 
 
 # ---------------------------------------------------------------------------------------------- ppo_step
@@ -323,11 +323,11 @@ def ppo_variant(value_offset=-1, temperature=True, ref_temperature=True, score_a
     ppo_variant(whiten_mb=True),                # advantages re-whitened per minibatch
 ])
 def test_ppo_step_wrong(wrong):
-    fails("ppo_step", wrong)
+    assert fails("ppo_step", wrong)
 
 
 def test_ppo_step_variant_without_position_ids_passes():
-    passes("ppo_step", ppo_variant())
+    assert passes("ppo_step", ppo_variant()) is None
 
 
 def test_log_softmax_is_refused_by_the_rules():

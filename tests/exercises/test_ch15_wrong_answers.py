@@ -80,7 +80,7 @@ def _ring(tensors, pass_right, *, split="tensor_split", offset=0, rotate=True, g
     dict(reduce_steps=1),                 # one reduce-scatter step
 ], ids=lambda o: next(iter(o)))
 def test_ring_wrong(options):
-    fails("ring_all_reduce", lambda tensors, pass_right: _ring(tensors, pass_right, **options))
+    assert fails("ring_all_reduce", lambda tensors, pass_right: _ring(tensors, pass_right, **options))
 
 
 def test_ring_summing_locally_and_passing_dummies_fails():
@@ -91,16 +91,16 @@ def test_ring_summing_locally_and_passing_dummies_fails():
         total = sum(tensors)
         return [total.clone() for _ in tensors]
 
-    fails("ring_all_reduce", cheat)
+    assert fails("ring_all_reduce", cheat)
 
 
 def test_ring_another_chunk_order_passes():
     """Rank r starts its reduce-scatter with chunk r + 1 (so that it ends owning chunk r + 2): also a ring."""
-    passes("ring_all_reduce", lambda tensors, pass_right: _ring(tensors, pass_right, offset=1))
+    assert passes("ring_all_reduce", lambda tensors, pass_right: _ring(tensors, pass_right, offset=1)) is None
 
 
 def test_ring_tensor_split_by_hand_passes():
-    passes("ring_all_reduce", lambda tensors, pass_right: _ring(tensors, pass_right))
+    assert passes("ring_all_reduce", lambda tensors, pass_right: _ring(tensors, pass_right)) is None
 
 
 # ----- zero_adamw_step ------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def _zero(params, grads, states, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=
     dict(full_state=True),                # every rank keeps the whole state (plain data parallelism)
 ], ids=lambda o: f"{next(iter(o))}={next(iter(o.values()))}")
 def test_zero_wrong(options):
-    fails("zero_adamw_step", lambda *a: _zero(*a, **options))
+    assert fails("zero_adamw_step", lambda *a: _zero(*a, **options))
 
 
 def test_zero_bias_correction_before_the_increment_fails():
@@ -188,12 +188,12 @@ def test_zero_bias_correction_before_the_increment_fails():
             if float(st["step"]) > 1:
                 st["step"] += 1
 
-    fails("zero_adamw_step", off_by_one)
+    assert fails("zero_adamw_step", off_by_one)
 
 
 def test_zero_by_the_formula_per_parameter_pieces_passes():
     """The formula (m_hat, v_hat) instead of lerp/addcdiv, each shard assembled parameter by parameter."""
-    passes("zero_adamw_step", lambda *a: _zero(*a))
+    assert passes("zero_adamw_step", lambda *a: _zero(*a)) is None
 
 
 # ----- tp_swiglu_mlp --------------------------------------------------------------------------
@@ -260,12 +260,12 @@ def _tp(x, weights, grad_output, world_size, *, bias_every_rank=False, average=F
     dict(down_bias_share=True),           # each rank keeps 1/N of down_proj's bias gradient
 ], ids=lambda o: next(iter(o)))
 def test_tp_wrong(options):
-    fails("tp_swiglu_mlp", lambda *a: _tp(*a, **options))
+    assert fails("tp_swiglu_mlp", lambda *a: _tp(*a, **options))
 
 
 def test_tp_fused_gate_up_passes():
     """gate and up as one fused matrix (one matmul forward, one backward), silu' written as s + a s (1 - s)."""
-    passes("tp_swiglu_mlp", lambda *a: _tp(*a, fused=True, silu_grad="derivative_form"))
+    assert passes("tp_swiglu_mlp", lambda *a: _tp(*a, fused=True, silu_grad="derivative_form")) is None
 
 
 # ----- train_data_parallel --------------------------------------------------------------------
@@ -321,12 +321,12 @@ def _summing_step(params, grads, states, lr, betas, eps, weight_decay):
     dict(unshifted=True),                 # targets not shifted
 ], ids=lambda o: next(iter(o)) if not callable(next(iter(o.values()))) else "summed")
 def test_train_wrong(options):
-    fails("train_data_parallel", lambda *a: _train(*a, **options))
+    assert fails("train_data_parallel", lambda *a: _train(*a, **options))
 
 
 def test_train_with_strided_rows_passes():
     """Rank r takes rows r, r + N, ...: another split, the same global mean when weighted by rows."""
-    passes("train_data_parallel", lambda *a: _train(*a, strided=True))
+    assert passes("train_data_parallel", lambda *a: _train(*a, strided=True)) is None
 
 
 def test_chunk_bounds_helper_is_tensor_splits():
