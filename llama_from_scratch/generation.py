@@ -176,6 +176,39 @@ class _Forward:
         return logits[:, -1, :].float()  # as transformers: decide in float32 whatever the weights' dtype
 
 
+class _FastForward:
+    """:class:`_Forward` for ``generate(..., compile=True)``: the prompt runs through the model as
+    usual (into a :class:`KVCache` whose length is rounded up to a multiple of 128, so that a few
+    compiled shapes serve all lengths), then every new token goes through the fused, compiled
+    :func:`~llama_from_scratch.fast_decode.decode_step`, which continues the same cache."""
+
+    BUCKET = 128
+
+    def __init__(self, model, batch_size: int, max_len: int, mask: torch.Tensor | None):
+        from llama_from_scratch import fast_decode  # noqa: PLC0415
+
+        self.fast_decode = fast_decode
+        self.weights = fast_decode.fuse_weights(model)
+        self.model = model
+        c = model.config
+        self.args = (c.n_heads, c.n_kv_heads, c.norm_eps)
+        cache_len = min(-(-max_len // self.BUCKET) * self.BUCKET, c.max_seq_len)
+        self.prefill = _Forward(model, batch_size, cache_len, mask, use_cache=True)
+        device = self.weights.lm_head.device
+        self.padding = torch.ones(batch_size, cache_len, dtype=torch.bool, device=device)
+        if mask is not None:
+            self.padding[:, : mask.shape[1]] = mask.bool()
+        self.cur = torch.zeros(1, dtype=torch.long, device=device)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.prefill.cached == 0:
+            return self.prefill.step(tokens)
+        cache = self.prefill.cache
+        self.cur.fill_(tokens.shape[1] - 1)
+        return self.fast_decode.run_decode_step(self.weights, cache.k, cache.v, tokens[:, -1], self.cur,
+                                                self.padding, *self.args)
+
+
 class _EvalMode:
     """``model.eval()`` for the duration, then the previous train/eval state back."""
 
@@ -210,6 +243,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     pad_token_id: int | None = None,
     stream: Callable[[torch.Tensor], None] | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Continues each prompt of ``input_ids`` by up to ``max_new_tokens`` tokens.
 
@@ -235,6 +269,13 @@ def generate(
             id, as ``transformers``).
         stream: optional callback, called after every step with the new tokens ``[B]`` (padding
             for finished rows), e.g. to print text as it is produced.
+        compile: decode with :mod:`~llama_from_scratch.fast_decode`: the prompt as usual, then each
+            token through one fused, ``torch.compile``-d step over a static cache (the first call
+            for a batch size and length compiles, tens of seconds; later ones reuse it). Needs a
+            plain :class:`~llama_from_scratch.model.Llama` (``ValueError`` otherwise) and a KV
+            cache (``use_cache=True``). Same arithmetic in another order: logits within rounding
+            of the default path, the same greedy tokens except at near-ties. Falls back to the
+            eager fused step, with a warning, where compiling is impossible.
 
     Returns:
         ``[B, T + n]`` ``long`` ids on the model's device, prompt included, where ``n <=
@@ -260,6 +301,14 @@ def generate(
     pad = _check_pad(pad_token_id, eos)
     if stream is not None and not callable(stream):
         raise TypeError("stream must be a callable taking the new token ids [B], or None")
+    if compile:
+        from llama_from_scratch.fast_decode import can_fuse  # noqa: PLC0415
+
+        if not use_cache:
+            raise ValueError("compile=True decodes over a KV cache: it needs use_cache=True")
+        reason = can_fuse(model)
+        if reason is not None:
+            raise ValueError(f"compile=True: {reason}")
 
     device = _model_device(model)
     input_ids = input_ids.to(device)
@@ -269,15 +318,18 @@ def generate(
 
     with torch.inference_mode(), _EvalMode(model):
         out = _generate_loop(model, input_ids.long(), mask, max_new_tokens, temperature, top_k, top_p, min_p,
-                             repetition_penalty, eos, pad, use_cache, generator, stream)
+                             repetition_penalty, eos, pad, use_cache, generator, stream, compile)
     return out.clone()  # a normal tensor, usable outside inference mode
 
 
 def _generate_loop(model, ids, mask, max_new_tokens, temperature, top_k, top_p, min_p,
-                   repetition_penalty, eos, pad, use_cache, generator, stream) -> torch.Tensor:
+                   repetition_penalty, eos, pad, use_cache, generator, stream, compile=False) -> torch.Tensor:
     batch, prompt_len = ids.shape
     vocab_size = model.config.vocab_size if hasattr(model, "config") else None
-    forward = _Forward(model, batch, prompt_len + max_new_tokens, mask, use_cache)
+    if compile:
+        forward = _FastForward(model, batch, prompt_len + max_new_tokens, mask)
+    else:
+        forward = _Forward(model, batch, prompt_len + max_new_tokens, mask, use_cache)
     eos_ids = torch.tensor(eos, device=ids.device) if eos else None
     unfinished = torch.ones(batch, dtype=torch.bool, device=ids.device)
     # The output is written into one preallocated [B, T + max_new_tokens] tensor; each step reads

@@ -36,6 +36,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,9 @@ class TrainConfig:
         dtype: "auto" (bf16 autocast on a CUDA GPU that supports it, fp32 elsewhere), "bf16" or
             "fp32". Weights and optimizer state stay float32; bf16 is autocast for the forward
             pass. (CPU bf16 autocast works but is usually slower than fp32 on CPUs without AMX.)
-        optimizer: "adamw" or "galore" (:class:`~llama_from_scratch.optim.GaLoreAdamW`).
+        optimizer: "adamw" (the from-scratch :class:`~llama_from_scratch.optim.AdamW`), "adamw_fused"
+            (``torch.optim.AdamW(fused=True)``: the same update in one C++/CUDA kernel per step, the
+            default of transformers' Trainer) or "galore" (:class:`~llama_from_scratch.optim.GaLoreAdamW`).
         galore_rank, galore_update_proj_gap, galore_scale: GaLore's settings.
         peak_flops: the hardware's peak FLOP/s (e.g. 989e12 for an H100's bf16 dense); when set the
             history reports model FLOPs utilization (MFU).
@@ -122,6 +125,10 @@ class TrainConfig:
             restarting at every document (Llama 3's document mask, :mod:`~llama_from_scratch.packing`);
             a document ends at eos_token_id. False: attention crosses documents (GPT-2, nanoGPT).
         eos_token_id: the token that ends each document, for document_mask (None: the tokenizer's).
+        compile: run the training forward and backward through ``torch.compile`` (inductor): the
+            first step compiles (tens of seconds), later steps run the generated code. Same losses
+            as the eager step up to rounding; falls back to eager, with a warning, where compiling
+            fails (e.g. no C++ compiler). Evaluation stays eager.
     """
 
     max_steps: int = 1000
@@ -155,6 +162,7 @@ class TrainConfig:
     fsdp: bool = False
     document_mask: bool = False
     eos_token_id: int | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
@@ -172,14 +180,15 @@ class TrainConfig:
             raise ValueError(f"need 0 <= min_lr <= max_lr, got {self.min_lr}, {self.max_lr}")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ValueError(f"dtype must be 'auto', 'bf16' or 'fp32', got {self.dtype!r}")
-        if self.optimizer not in ("adamw", "galore"):
-            raise ValueError(f"optimizer must be 'adamw' or 'galore', got {self.optimizer!r}")
+        if self.optimizer not in ("adamw", "adamw_fused", "galore"):
+            raise ValueError(f"optimizer must be 'adamw', 'adamw_fused' or 'galore', got {self.optimizer!r}")
         if self.eos_token_id is not None and (isinstance(self.eos_token_id, bool)
                                               or not isinstance(self.eos_token_id, int) or self.eos_token_id < 0):
             raise ValueError(f"TrainConfig.eos_token_id must be a token id (an integer >= 0), got {self.eos_token_id!r}")
         if self.fsdp and self.optimizer != "adamw":
             raise ValueError("fsdp needs optimizer 'adamw': GaLore projects whole gradient matrices, and under "
-                             "FSDP2 each rank holds only a slice of each")
+                             "FSDP2 each rank holds only a slice of each (and torch's fused kernel is not used "
+                             "on DTensor shards here)")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -664,6 +673,9 @@ class Trainer:
             self.parallelism = "none"
             self.ddp_model = self.model
 
+        # The compiled step: what train_step calls when config.compile (None: the eager ddp_model).
+        self.compiled_model = torch.compile(self.ddp_model) if config.compile else None
+
         self.sampler = StepSampler(len(self.train_data), config.batch_size, seed=config.seed, rank=self.rank,
                                    world_size=self.world_size)
         self.optimizer = self._build_optimizer()
@@ -691,6 +703,9 @@ class Trainer:
             groups = galore_param_groups(self.model, rank=c.galore_rank, update_proj_gap=c.galore_update_proj_gap,
                                          scale=c.galore_scale, weight_decay=c.weight_decay)
             return GaLoreAdamW(groups, lr=c.max_lr, betas=c.betas, eps=c.eps, weight_decay=c.weight_decay)
+        if c.optimizer == "adamw_fused":
+            return torch.optim.AdamW(weight_decay_groups(self.model, c.weight_decay), lr=c.max_lr, betas=c.betas,
+                                     eps=c.eps, weight_decay=c.weight_decay, fused=True)
         # Under FSDP2 the parameters are DTensor shards, and AdamW updates each rank's shard.
         return AdamW(weight_decay_groups(self.model, c.weight_decay), lr=c.max_lr, betas=c.betas, eps=c.eps,
                      weight_decay=c.weight_decay)
@@ -736,6 +751,19 @@ class Trainer:
             logits = model(x, **kwargs)
         return cross_entropy(logits.float(), y, ignore_index=IGNORE_INDEX)
 
+    def _train_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`_loss` of the training model: the compiled one when ``config.compile``, falling
+        back for good to the eager model (with a warning) if compiling fails."""
+        if self.compiled_model is not None:
+            try:
+                return self._loss(self.compiled_model, x, y)
+            except Exception as error:  # noqa: BLE001 (inductor raises many kinds: no compiler, unsupported op)
+                self.compiled_model = None
+                warnings.warn(f"torch.compile of the training step failed ({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''}); training eagerly",
+                              RuntimeWarning, stacklevel=2)
+        return self._loss(self.ddp_model, x, y)
+
     # ----- one step -------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, Any]:
@@ -754,7 +782,7 @@ class Trainer:
             tokens += x.numel() * self.world_size
             last = micro == c.grad_accum_steps - 1
             with self._gradient_sync(last):
-                loss = self._loss(self.ddp_model, x, y)
+                loss = self._train_loss(x, y)
                 (loss / c.grad_accum_steps).backward()
             total += loss.detach() / c.grad_accum_steps
         train_loss = self._all_reduce_mean(total).item()

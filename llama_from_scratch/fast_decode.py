@@ -1,0 +1,232 @@
+"""A fast decoding step: fused projections, a static KV cache, and ``torch.compile``.
+
+One new token of a 135M-parameter model costs about 0.27 GFLOP: a CPU does that in a few
+milliseconds, and the real limit is memory, since every weight is read once per token (the
+*bandwidth bound*: weight bytes / read bandwidth). In eager PyTorch a second cost appears: each of
+the ~25 small operations of a layer (30 layers in SmolLM2) pays a fixed price to be dispatched,
+to allocate its output and to start its threads, and for matrices of 576 x 576 that price is as
+large as the work. The step below does exactly the arithmetic of :class:`~llama_from_scratch.model.Llama`'s
+forward pass with a KV cache, but
+
+1. **fewer, larger operations**: the q, k and v projections are one matrix multiplication with
+   the three weights stacked (``qkv_proj``), and so are the gate and up projections
+   (``gate_up_proj``): 4 matrix products per layer instead of 7;
+2. **static shapes**: the KV cache has its full length from the start, attention runs over all
+   of its positions with a mask of those not written yet (a masked key adds exactly nothing), and
+   the position is a tensor, not a Python integer; so every step is the same computation on
+   tensors of the same shapes;
+3. **compiled**: because the shapes never change, ``torch.compile`` turns the whole step into one
+   generated program, once: no Python between the operations, elementwise operations fused
+   into their neighbours. Where ``torch.compile`` cannot run (no C++ compiler, an unsupported
+   platform) the same fused step runs eagerly, with a warning.
+
+The prompt itself (prefill) runs through the ordinary model, which writes the same KV cache the
+fast step then continues. :func:`~llama_from_scratch.generation.generate` uses all this with
+``compile=True``; the readable model stays the default.
+
+Results: the fused products and the masked attention add the same numbers in another order, so
+logits differ from the eager path by rounding (float32: ~1e-5; bfloat16: ~1e-2) and greedy
+decoding gives the same tokens except where two candidates are that close.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FusedLlamaWeights", "fuse_weights", "decode_step", "compiled_decode_step", "can_fuse"]
+
+
+class FusedLlamaWeights(NamedTuple):
+    """A Llama's weights rearranged for decoding (plain tensors, no autograd).
+
+    Per layer ``i``: ``input_norm[i]`` ``[dim]``, ``qkv_proj[i]`` ``[(H + 2 * KV) * D, dim]`` (rows
+    of q, then k, then v), ``o_proj[i]`` ``[dim, H * D]``, ``post_norm[i]`` ``[dim]``,
+    ``gate_up_proj[i]`` ``[2 * hidden_dim, dim]`` (gate rows, then up rows), ``down_proj[i]``
+    ``[dim, hidden_dim]``. Then the final norm, the embedding and the output projection (the same
+    tensor when the embedding is tied), and the float32 RoPE tables.
+    """
+
+    input_norm: tuple[torch.Tensor, ...]
+    qkv_proj: tuple[torch.Tensor, ...]
+    o_proj: tuple[torch.Tensor, ...]
+    post_norm: tuple[torch.Tensor, ...]
+    gate_up_proj: tuple[torch.Tensor, ...]
+    down_proj: tuple[torch.Tensor, ...]
+    norm: torch.Tensor
+    embed_tokens: torch.Tensor
+    lm_head: torch.Tensor
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
+
+def can_fuse(model: nn.Module) -> str | None:
+    """None when ``model`` is a plain :class:`~llama_from_scratch.model.Llama` whose projections are
+    ``nn.Linear`` without bias (what :func:`fuse_weights` needs); otherwise why not (e.g. LoRA
+    adapters or quantized layers in place)."""
+    from llama_from_scratch.model import Llama  # noqa: PLC0415 (model imports generation, which imports us)
+
+    if not isinstance(model, Llama):
+        return f"the fast path needs a llama_from_scratch Llama, got {type(model).__name__}"
+    for i, layer in enumerate(model.model.layers):
+        linears = {**{n: getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+                   **{n: getattr(layer.mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")}}
+        for name, module in linears.items():
+            if type(module) is not nn.Linear or module.bias is not None:
+                return (f"layer {i}'s {name} is a {type(module).__name__}"
+                        f"{' with a bias' if type(module) is nn.Linear else ''}: the fast path fuses plain "
+                        "nn.Linear weights only (merge LoRA adapters first, or decode without compile)")
+    return None
+
+
+# The fused copy of each model's weights, rebuilt when a weight is replaced or modified in place
+# (an optimizer step bumps the tensors' version counters).
+_FUSED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, FusedLlamaWeights]] = weakref.WeakKeyDictionary()
+
+
+def _weights_key(model: nn.Module) -> tuple:
+    return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in model.parameters())
+
+
+@torch.no_grad()
+def fuse_weights(model: nn.Module) -> FusedLlamaWeights:
+    """The weights of ``model`` (a :class:`~llama_from_scratch.model.Llama`) as
+    :class:`FusedLlamaWeights`, in the model's dtype and on its device.
+
+    The stacked matrices are copies (for SmolLM2 in float32, about 400 MB more), made once and
+    kept while the model's weights do not change; the embedding, the norms and the output
+    projection are the model's own tensors.
+    """
+    reason = can_fuse(model)
+    if reason is not None:
+        raise ValueError(reason)
+    key = _weights_key(model)
+    cached = _FUSED.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    layers = model.model.layers
+    fused = FusedLlamaWeights(
+        input_norm=tuple(layer.input_layernorm.weight.detach() for layer in layers),
+        qkv_proj=tuple(torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                                  layer.self_attn.v_proj.weight]).detach() for layer in layers),
+        o_proj=tuple(layer.self_attn.o_proj.weight.detach() for layer in layers),
+        post_norm=tuple(layer.post_attention_layernorm.weight.detach() for layer in layers),
+        gate_up_proj=tuple(torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]).detach()
+                           for layer in layers),
+        down_proj=tuple(layer.mlp.down_proj.weight.detach() for layer in layers),
+        norm=model.model.norm.weight.detach(),
+        embed_tokens=model.model.embed_tokens.weight.detach(),
+        lm_head=model.lm_head.weight.detach(),
+        rope_cos=model.model.rope_cos,
+        rope_sin=model.model.rope_sin,
+    )
+    _FUSED[model] = (key, fused)
+    return fused
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As RMSNorm.forward: normalise in float32, back to the input's dtype, then scale.
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # RoPE as apply_rope: x * cos + rotate_half(x) * sin.
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def decode_step(
+    w: FusedLlamaWeights,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tokens: torch.Tensor,
+    cur: torch.Tensor,
+    padding: torch.Tensor,
+    n_heads: int,
+    n_kv_heads: int,
+    eps: float,
+) -> torch.Tensor:
+    """One decoding step for a batch of sequences; returns the float32 logits ``[B, vocab]``.
+
+    Args:
+        w: the fused weights (:func:`fuse_weights`).
+        k_cache, v_cache: ``[n_layers, B, n_kv_heads, S, head_dim]``, the layout of
+            :class:`~llama_from_scratch.attention.KVCache`; positions ``0 .. cur - 1`` hold the
+            sequence so far. The new token's keys and values are written at column ``cur``.
+        tokens: ``[B]`` the newest token of each sequence (at column ``cur``).
+        cur: ``[1]`` long, the column of the new token.
+        padding: ``[B, S]`` bool, False at (left) padding columns; True elsewhere, the columns
+            not written yet included (they are masked by ``cur``).
+        n_heads, n_kv_heads, eps: from the model's config.
+    """
+    bsz = tokens.shape[0]
+    seq = k_cache.shape[3]
+    head_dim = k_cache.shape[4]
+    columns = torch.arange(seq, device=tokens.device)
+    visible = padding & (columns <= cur)                          # [B, S]: keys this query may see
+    position = (padding & (columns < cur)).sum(dim=1)            # [B]: real tokens before this one
+    h = F.embedding(tokens, w.embed_tokens).unsqueeze(1)          # [B, 1, dim]
+    cos = w.rope_cos[position].to(h.dtype)[:, None, None, :]      # [B, 1, 1, head_dim]
+    sin = w.rope_sin[position].to(h.dtype)[:, None, None, :]
+    mask = visible[:, None, None, :]                              # [B, 1, 1, S]
+    q_size, kv_size = n_heads * head_dim, n_kv_heads * head_dim
+    for i in range(len(w.qkv_proj)):
+        x = _rms_norm(h, w.input_norm[i], eps)
+        q, k, v = F.linear(x, w.qkv_proj[i]).split([q_size, kv_size, kv_size], dim=-1)
+        q = _rotate(q.view(bsz, 1, n_heads, head_dim).transpose(1, 2), cos, sin)
+        k = _rotate(k.view(bsz, 1, n_kv_heads, head_dim).transpose(1, 2), cos, sin)
+        v = v.view(bsz, 1, n_kv_heads, head_dim).transpose(1, 2)
+        k_cache[i].index_copy_(2, cur, k)
+        v_cache[i].index_copy_(2, cur, v)
+        out = F.scaled_dot_product_attention(q, k_cache[i], v_cache[i], attn_mask=mask, scale=head_dim**-0.5,
+                                             enable_gqa=n_heads != n_kv_heads)
+        h = h + F.linear(out.transpose(1, 2).reshape(bsz, 1, q_size), w.o_proj[i])
+        x = _rms_norm(h, w.post_norm[i], eps)
+        gate, up = F.linear(x, w.gate_up_proj[i]).chunk(2, dim=-1)
+        h = h + F.linear(F.silu(gate) * up, w.down_proj[i])
+    return F.linear(_rms_norm(h, w.norm, eps), w.lm_head)[:, 0].float()
+
+
+_compiled = None          # torch.compile(decode_step), made on first use
+_compile_failed = False   # set when compiling failed once: the eager step is used from then on
+
+
+def compiled_decode_step():
+    """``torch.compile(decode_step)``, or :func:`decode_step` itself where compiling is not possible.
+
+    The compiled function is shared: each new combination of shapes and dtypes (batch size, cache
+    length, model) compiles once (tens of seconds for SmolLM2 on a 2-core CPU) and is reused.
+    """
+    global _compiled
+    if _compile_failed:
+        return decode_step
+    if _compiled is None:
+        import torch._dynamo  # noqa: PLC0415
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+        _compiled = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    return _compiled
+
+
+def run_decode_step(*args, **kwargs) -> torch.Tensor:
+    """:func:`compiled_decode_step`'s function applied to the arguments, falling back to the eager
+    step (with one warning) if compiling fails, e.g. without a C++ compiler."""
+    global _compile_failed
+    step = compiled_decode_step()
+    if step is decode_step:
+        return decode_step(*args, **kwargs)
+    try:
+        return step(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 (inductor raises many kinds: compiler missing, unsupported op)
+        _compile_failed = True
+        warnings.warn(f"torch.compile of the decoding step failed ({type(error).__name__}: "
+                      f"{str(error).splitlines()[0] if str(error) else ''}); decoding with the eager fused step",
+                      RuntimeWarning, stacklevel=2)
+        return decode_step(*args, **kwargs)
