@@ -20,6 +20,14 @@ forward pass with a KV cache, but
    into their neighbours. Where ``torch.compile`` cannot run (no C++ compiler, an unsupported
    platform) the same fused step runs eagerly, with a warning.
 
+Optionally (``quantize="int4"``, CPU only), the matrices of the step are stored in 4 bits:
+groups of 32 weights along the input dimension, each with a float scale and minimum, exactly
+GGUF's Q4_1 rule (``d = (max - min) / 15``, ``q = round((w - min) / d)``), and multiplied by
+PyTorch's int4 weight-only kernel (``aten._weight_int4pack_mm_for_cpu``), with bfloat16
+activations. A step then reads about 4.5 bits per weight instead of 16 or 32. SmolLM2's GGUF file
+is itself Q4_1, so its dequantized weights are requantized to the same codes: what changes is
+mostly the bfloat16 rounding of the scales and of the activations.
+
 The prompt itself (prefill) runs through the ordinary model, which writes the same KV cache the
 fast step then continues. :func:`~llama_from_scratch.generation.generate` uses all this with
 ``compile=True``; the readable model stays the default.
@@ -39,7 +47,53 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FusedLlamaWeights", "fuse_weights", "decode_step", "compiled_decode_step", "can_fuse"]
+__all__ = ["FusedLlamaWeights", "Int4Weight", "fuse_weights", "quantize_int4", "decode_step", "compiled_decode_step",
+           "can_fuse"]
+
+INT4_GROUP_SIZE = 32  # GGUF Q4_1's block: one scale and one minimum per 32 weights
+
+
+class Int4Weight(NamedTuple):
+    """A ``[out_features, in_features]`` matrix in PyTorch's packed int4 layout for CPUs.
+
+    ``packed``: the 4-bit codes (``aten._convert_weight_to_int4pack_for_cpu``);
+    ``scales_and_zeros``: ``[in_features / group_size, out_features, 2]`` bfloat16, where the
+    kernel's weight is ``(q - 8) * scale + zero`` (so ``zero = minimum + 8 * scale``).
+    """
+
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+    group_size: int
+    out_features: int
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> tuple[Int4Weight, torch.Tensor]:
+    """``weight`` ``[N, K]`` as :class:`Int4Weight` (GGUF Q4_1's min-max rule per group of
+    ``group_size`` along K), and the dequantized matrix the kernel multiplies by (float32), to
+    measure the error."""
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"int4 decoding needs in_features divisible by {group_size}, got a {n} x {k} matrix")
+    groups = weight.detach().float().reshape(n, k // group_size, group_size)
+    minimum = groups.amin(dim=-1)
+    scale = (groups.amax(dim=-1) - minimum) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: every code 0
+    q = torch.round((groups - minimum[..., None]) / safe[..., None]).clamp(0, 15).to(torch.int32)
+    scales_and_zeros = torch.stack([scale, minimum + 8 * scale], dim=-1).transpose(0, 1).contiguous()
+    scales_and_zeros = scales_and_zeros.to(torch.bfloat16)
+    s, z = scales_and_zeros.float().transpose(0, 1).unbind(-1)   # what the kernel will use
+    dequantized = ((q.float() - 8) * s[..., None] + z[..., None]).reshape(n, k)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(n, k).contiguous(), 1)
+    return Int4Weight(packed, scales_and_zeros, group_size, n), dequantized
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor | Int4Weight) -> torch.Tensor:
+    """``x @ weight.T`` for a dense matrix or an :class:`Int4Weight`."""
+    if isinstance(weight, torch.Tensor):
+        return F.linear(x, weight)
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), weight.packed, weight.group_size,
+                                                     weight.scales_and_zeros)
+    return out.view(*x.shape[:-1], weight.out_features)
 
 
 class FusedLlamaWeights(NamedTuple):
@@ -49,18 +103,19 @@ class FusedLlamaWeights(NamedTuple):
     of q, then k, then v), ``o_proj[i]`` ``[dim, H * D]``, ``post_norm[i]`` ``[dim]``,
     ``gate_up_proj[i]`` ``[2 * hidden_dim, dim]`` (gate rows, then up rows), ``down_proj[i]``
     ``[dim, hidden_dim]``. Then the final norm, the embedding and the output projection (the same
-    tensor when the embedding is tied), and the float32 RoPE tables.
+    tensor when the embedding is tied), and the float32 RoPE tables. With ``quantize="int4"`` the
+    six kinds of matrices are :class:`Int4Weight` and the rest bfloat16 (the activations' dtype).
     """
 
     input_norm: tuple[torch.Tensor, ...]
-    qkv_proj: tuple[torch.Tensor, ...]
-    o_proj: tuple[torch.Tensor, ...]
+    qkv_proj: tuple[torch.Tensor | Int4Weight, ...]
+    o_proj: tuple[torch.Tensor | Int4Weight, ...]
     post_norm: tuple[torch.Tensor, ...]
-    gate_up_proj: tuple[torch.Tensor, ...]
-    down_proj: tuple[torch.Tensor, ...]
+    gate_up_proj: tuple[torch.Tensor | Int4Weight, ...]
+    down_proj: tuple[torch.Tensor | Int4Weight, ...]
     norm: torch.Tensor
     embed_tokens: torch.Tensor
-    lm_head: torch.Tensor
+    lm_head: torch.Tensor | Int4Weight
     rope_cos: torch.Tensor
     rope_sin: torch.Tensor
 
@@ -86,7 +141,9 @@ def can_fuse(model: nn.Module) -> str | None:
 
 # The fused copy of each model's weights, rebuilt when a weight is replaced or modified in place
 # (an optimizer step bumps the tensors' version counters).
-_FUSED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, FusedLlamaWeights]] = weakref.WeakKeyDictionary()
+_FUSED: weakref.WeakKeyDictionary[nn.Module, dict[str | None, tuple[tuple, FusedLlamaWeights]]] = (
+    weakref.WeakKeyDictionary())
+QUANTIZE_CHOICES = (None, "int4")
 
 
 def _weights_key(model: nn.Module) -> tuple:
@@ -94,9 +151,10 @@ def _weights_key(model: nn.Module) -> tuple:
 
 
 @torch.no_grad()
-def fuse_weights(model: nn.Module) -> FusedLlamaWeights:
+def fuse_weights(model: nn.Module, quantize: str | None = None) -> FusedLlamaWeights:
     """The weights of ``model`` (a :class:`~llama_from_scratch.model.Llama`) as
-    :class:`FusedLlamaWeights`, in the model's dtype and on its device.
+    :class:`FusedLlamaWeights`, in the model's dtype and on its device (``quantize="int4"``:
+    4-bit matrices and bfloat16 elsewhere, CPU only).
 
     The stacked matrices are copies (for SmolLM2 in float32, about 400 MB more), made once and
     kept while the model's weights do not change; the embedding, the norms and the output
@@ -105,8 +163,13 @@ def fuse_weights(model: nn.Module) -> FusedLlamaWeights:
     reason = can_fuse(model)
     if reason is not None:
         raise ValueError(reason)
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+    if quantize == "int4" and model.lm_head.weight.device.type != "cpu":
+        raise ValueError("quantize='int4' uses PyTorch's int4 kernel for CPUs; this model is on "
+                         f"{model.lm_head.weight.device}")
     key = _weights_key(model)
-    cached = _FUSED.get(model)
+    cached = _FUSED.setdefault(model, {}).get(quantize)
     if cached is not None and cached[0] == key:
         return cached[1]
     layers = model.model.layers
@@ -125,8 +188,24 @@ def fuse_weights(model: nn.Module) -> FusedLlamaWeights:
         rope_cos=model.model.rope_cos,
         rope_sin=model.model.rope_sin,
     )
-    _FUSED[model] = (key, fused)
+    if quantize == "int4":
+        fused = _to_int4(fused)
+    _FUSED[model][quantize] = (key, fused)
     return fused
+
+
+def _to_int4(w: FusedLlamaWeights) -> FusedLlamaWeights:
+    """The matrices of ``w`` in int4, everything else in bfloat16 (the dtype the int4 kernel takes)."""
+    def int4(matrices):
+        return tuple(quantize_int4(m)[0] for m in matrices)
+
+    def bf16(tensors):
+        return tuple(t.to(torch.bfloat16) for t in tensors)
+
+    return w._replace(qkv_proj=int4(w.qkv_proj), o_proj=int4(w.o_proj), gate_up_proj=int4(w.gate_up_proj),
+                      down_proj=int4(w.down_proj), lm_head=quantize_int4(w.lm_head)[0],
+                      input_norm=bf16(w.input_norm), post_norm=bf16(w.post_norm), norm=w.norm.to(torch.bfloat16),
+                      embed_tokens=w.embed_tokens.to(torch.bfloat16))
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -179,19 +258,19 @@ def decode_step(
     q_size, kv_size = n_heads * head_dim, n_kv_heads * head_dim
     for i in range(len(w.qkv_proj)):
         x = _rms_norm(h, w.input_norm[i], eps)
-        q, k, v = F.linear(x, w.qkv_proj[i]).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = _linear(x, w.qkv_proj[i]).split([q_size, kv_size, kv_size], dim=-1)
         q = _rotate(q.view(bsz, 1, n_heads, head_dim).transpose(1, 2), cos, sin)
         k = _rotate(k.view(bsz, 1, n_kv_heads, head_dim).transpose(1, 2), cos, sin)
         v = v.view(bsz, 1, n_kv_heads, head_dim).transpose(1, 2)
-        k_cache[i].index_copy_(2, cur, k)
-        v_cache[i].index_copy_(2, cur, v)
-        out = F.scaled_dot_product_attention(q, k_cache[i], v_cache[i], attn_mask=mask, scale=head_dim**-0.5,
-                                             enable_gqa=n_heads != n_kv_heads)
-        h = h + F.linear(out.transpose(1, 2).reshape(bsz, 1, q_size), w.o_proj[i])
+        k_cache[i].index_copy_(2, cur, k.to(k_cache.dtype))
+        v_cache[i].index_copy_(2, cur, v.to(v_cache.dtype))
+        out = F.scaled_dot_product_attention(q, k_cache[i].to(q.dtype), v_cache[i].to(q.dtype), attn_mask=mask,
+                                             scale=head_dim**-0.5, enable_gqa=n_heads != n_kv_heads)
+        h = h + _linear(out.transpose(1, 2).reshape(bsz, 1, q_size), w.o_proj[i])
         x = _rms_norm(h, w.post_norm[i], eps)
-        gate, up = F.linear(x, w.gate_up_proj[i]).chunk(2, dim=-1)
-        h = h + F.linear(F.silu(gate) * up, w.down_proj[i])
-    return F.linear(_rms_norm(h, w.norm, eps), w.lm_head)[:, 0].float()
+        gate, up = _linear(x, w.gate_up_proj[i]).chunk(2, dim=-1)
+        h = h + _linear(F.silu(gate) * up, w.down_proj[i])
+    return _linear(_rms_norm(h, w.norm, eps), w.lm_head)[:, 0].float()
 
 
 _compiled = None          # torch.compile(decode_step), made on first use

@@ -184,17 +184,17 @@ class _FastForward:
 
     BUCKET = 128
 
-    def __init__(self, model, batch_size: int, max_len: int, mask: torch.Tensor | None):
+    def __init__(self, model, batch_size: int, max_len: int, mask: torch.Tensor | None, quantize: str | None = None):
         from llama_from_scratch import fast_decode  # noqa: PLC0415
 
         self.fast_decode = fast_decode
-        self.weights = fast_decode.fuse_weights(model)
+        self.weights = fast_decode.fuse_weights(model, quantize)
         self.model = model
         c = model.config
         self.args = (c.n_heads, c.n_kv_heads, c.norm_eps)
         cache_len = min(-(-max_len // self.BUCKET) * self.BUCKET, c.max_seq_len)
         self.prefill = _Forward(model, batch_size, cache_len, mask, use_cache=True)
-        device = self.weights.lm_head.device
+        device = self.weights.embed_tokens.device
         self.padding = torch.ones(batch_size, cache_len, dtype=torch.bool, device=device)
         if mask is not None:
             self.padding[:, : mask.shape[1]] = mask.bool()
@@ -244,6 +244,7 @@ def generate(
     pad_token_id: int | None = None,
     stream: Callable[[torch.Tensor], None] | None = None,
     compile: bool = False,
+    quantize: str | None = None,
 ) -> torch.Tensor:
     """Continues each prompt of ``input_ids`` by up to ``max_new_tokens`` tokens.
 
@@ -276,6 +277,11 @@ def generate(
             cache (``use_cache=True``). Same arithmetic in another order: logits within rounding
             of the default path, the same greedy tokens except at near-ties. Falls back to the
             eager fused step, with a warning, where compiling is impossible.
+        quantize: with ``compile=True`` on a CPU, ``"int4"`` runs the decoding steps on 4-bit copies
+            of the weight matrices (GGUF Q4_1's rule, PyTorch's int4 kernel, bfloat16 activations;
+            :mod:`~llama_from_scratch.fast_decode`): about a quarter of bfloat16's bytes per token,
+            logits within quantization error of the model's own (the prompt still runs through the
+            model as it is). None: the model's own weights.
 
     Returns:
         ``[B, T + n]`` ``long`` ids on the model's device, prompt included, where ``n <=
@@ -301,11 +307,15 @@ def generate(
     pad = _check_pad(pad_token_id, eos)
     if stream is not None and not callable(stream):
         raise TypeError("stream must be a callable taking the new token ids [B], or None")
+    if quantize is not None and not compile:
+        raise ValueError("quantize= selects the weights of the compiled decoding step: pass compile=True too")
     if compile:
         from llama_from_scratch.fast_decode import can_fuse  # noqa: PLC0415
 
         if not use_cache:
             raise ValueError("compile=True decodes over a KV cache: it needs use_cache=True")
+        if quantize not in (None, "int4"):
+            raise ValueError(f"quantize must be None or 'int4', got {quantize!r}")
         reason = can_fuse(model)
         if reason is not None:
             raise ValueError(f"compile=True: {reason}")
@@ -318,16 +328,17 @@ def generate(
 
     with torch.inference_mode(), _EvalMode(model):
         out = _generate_loop(model, input_ids.long(), mask, max_new_tokens, temperature, top_k, top_p, min_p,
-                             repetition_penalty, eos, pad, use_cache, generator, stream, compile)
+                             repetition_penalty, eos, pad, use_cache, generator, stream, compile, quantize)
     return out.clone()  # a normal tensor, usable outside inference mode
 
 
 def _generate_loop(model, ids, mask, max_new_tokens, temperature, top_k, top_p, min_p,
-                   repetition_penalty, eos, pad, use_cache, generator, stream, compile=False) -> torch.Tensor:
+                   repetition_penalty, eos, pad, use_cache, generator, stream, compile=False,
+                   quantize=None) -> torch.Tensor:
     batch, prompt_len = ids.shape
     vocab_size = model.config.vocab_size if hasattr(model, "config") else None
     if compile:
-        forward = _FastForward(model, batch, prompt_len + max_new_tokens, mask)
+        forward = _FastForward(model, batch, prompt_len + max_new_tokens, mask, quantize)
     else:
         forward = _Forward(model, batch, prompt_len + max_new_tokens, mask, use_cache)
     eos_ids = torch.tensor(eos, device=ids.device) if eos else None

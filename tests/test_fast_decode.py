@@ -176,3 +176,78 @@ def test_compiled_step_gives_the_same_tokens():
         fast = generate(model, ids, 16, temperature=0, attention_mask=mask, compile=True)
     assert torch.equal(fast, slow)
     assert fast_decode.compiled_decode_step() is not fast_decode.decode_step
+
+
+# ----- int4 weights (quantize="int4") ------------------------------------------------------------
+
+
+def _q4_1_roundtrip(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` through the gguf package's own Q4_1 quantizer and dequantizer (llama.cpp's rule)."""
+    from gguf import GGMLQuantizationType, quants
+
+    data = quants.quantize(weight.numpy(), GGMLQuantizationType.Q4_1)
+    return torch.from_numpy(quants.dequantize(data, GGMLQuantizationType.Q4_1).copy())
+
+
+def test_int4_codes_follow_gguf_q4_1():
+    g = torch.Generator().manual_seed(11)
+    weight = torch.randn(48, 96, generator=g) * 0.05 + torch.rand(48, 1, generator=g) * 0.02
+    theirs = _q4_1_roundtrip(weight)
+    _, ours = fast_decode.quantize_int4(weight)
+    # Same rule; the scales and minima are stored in bfloat16 (the kernel's dtype) instead of fp16.
+    group_range = (weight.view(48, 3, 32).amax(-1) - weight.view(48, 3, 32).amin(-1)).repeat_interleave(32, dim=1)
+    assert ((ours - theirs).abs() <= group_range * 2**-7 + 1e-6).all()
+    assert (ours - weight).abs().max() > 1e-3  # it is a 4-bit approximation, not a copy
+    # Weights that are already Q4_1 values come back to the same codes: only the bfloat16 rounding remains.
+    _, again = fast_decode.quantize_int4(theirs)
+    assert ((again - theirs).abs() <= group_range * 2**-7 + 1e-6).all()
+
+
+def test_int4_kernel_multiplies_by_the_dequantized_matrix():
+    g = torch.Generator().manual_seed(12)
+    weight = torch.randn(80, 64, generator=g)
+    int4, dequantized = fast_decode.quantize_int4(weight)
+    x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+    out = fast_decode._linear(x, int4)
+    assert out.shape == (3, 80) and out.dtype == torch.bfloat16
+    reference = x.float() @ dequantized.T
+    torch.testing.assert_close(out.float(), reference, rtol=2**-7, atol=0.05)
+
+
+def test_int4_refuses_what_it_cannot_pack():
+    with pytest.raises(ValueError, match="divisible by 32"):
+        fast_decode.quantize_int4(torch.randn(8, 40))
+    model = _model()
+    with pytest.raises(ValueError, match="quantize must be None or 'int4'"):
+        generate(model, torch.ones(1, 2, dtype=torch.long), 3, compile=True, quantize="int8")
+    with pytest.raises(ValueError, match="pass compile=True too"):
+        generate(model, torch.ones(1, 2, dtype=torch.long), 3, quantize="int4")
+
+
+def test_int4_step_follows_the_model_with_dequantized_weights(eager_step):
+    model = _model(seed=13)
+    # The reference: the same model with every matrix (the output projection too, untied from the
+    # embedding lookup) replaced by its int4 dequantization, in float32. The int4 path differs
+    # from it only by bfloat16 activations; from the model itself, also by the quantization.
+    reference = Llama(LlamaConfig.tiny(**{**model.config.to_dict(), "tie_embeddings": False})).eval()
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for layer in reference.model.layers:
+            for module in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                           layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                module.weight.copy_(fast_decode.quantize_int4(module.weight)[1])
+        reference.lm_head.weight.copy_(fast_decode.quantize_int4(reference.lm_head.weight)[1])
+    ids, mask = _prompts(2, 5, seed=14)
+    new = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(15))
+    with torch.inference_mode():
+        int4_steps = _step_logits(_FastForward(model, 2, 11, mask, quantize="int4"), ids, new)[1:]
+        plain_steps = _step_logits(_Forward(model, 2, 11, mask, use_cache=True), ids, new)[1:]
+        # As in the int4 path, the prompt runs through the model itself; the steps after it through
+        # the dequantized weights.
+        forward = _Forward(model, 2, 11, mask, use_cache=True)
+        forward.step(ids)
+        forward.model = reference
+        reference_steps = _step_logits(forward, torch.cat([ids, new[:, :1]], dim=1), new[:, 1:])
+    for int4, ref, plain in zip(int4_steps, reference_steps, plain_steps):
+        assert (int4 - ref).abs().max() < 0.05 * ref.abs().max()  # bfloat16 activations
+        assert (int4 - plain).abs().max() > 3 * (int4 - ref).abs().max()  # the quantization is what differs
