@@ -221,6 +221,25 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """Attention of one new query per sequence, written out (chapter 5's formula): for a single
+    query, two small matrix products beat the fused kernel, whose set-up costs more than the work.
+
+    ``q`` ``[B, H, 1, D]``; ``k``, ``v`` ``[B, KV, S, D]`` (each key head serves ``H / KV`` query
+    heads: grouped-query attention without copying the keys); ``visible`` ``[B, S]``.
+    """
+    bsz, n_heads, _, head_dim = q.shape
+    n_kv_heads = k.shape[1]
+    # In float32 whatever the weights' dtype: CPU matrix products this small are faster in float32,
+    # and the softmax wants it anyway.
+    q = q.float().view(bsz, n_kv_heads, n_heads // n_kv_heads, head_dim)  # query heads grouped by key head
+    scores = (q @ k.float().transpose(-1, -2)) * scale                   # [B, KV, H / KV, S]
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    out = scores.softmax(dim=-1) @ v.float()
+    return out.view(bsz, n_heads, 1, head_dim).to(v.dtype)
+
+
 def decode_step(
     w: FusedLlamaWeights,
     k_cache: torch.Tensor,
@@ -254,7 +273,6 @@ def decode_step(
     h = F.embedding(tokens, w.embed_tokens).unsqueeze(1)          # [B, 1, dim]
     cos = w.rope_cos[position].to(h.dtype)[:, None, None, :]      # [B, 1, 1, head_dim]
     sin = w.rope_sin[position].to(h.dtype)[:, None, None, :]
-    mask = visible[:, None, None, :]                              # [B, 1, 1, S]
     q_size, kv_size = n_heads * head_dim, n_kv_heads * head_dim
     for i in range(len(w.qkv_proj)):
         x = _rms_norm(h, w.input_norm[i], eps)
@@ -264,8 +282,7 @@ def decode_step(
         v = v.view(bsz, 1, n_kv_heads, head_dim).transpose(1, 2)
         k_cache[i].index_copy_(2, cur, k.to(k_cache.dtype))
         v_cache[i].index_copy_(2, cur, v.to(v_cache.dtype))
-        out = F.scaled_dot_product_attention(q, k_cache[i].to(q.dtype), v_cache[i].to(q.dtype), attn_mask=mask,
-                                             scale=head_dim**-0.5, enable_gqa=n_heads != n_kv_heads)
+        out = _decode_attention(q, k_cache[i], v_cache[i], visible, head_dim**-0.5).to(q.dtype)
         h = h + _linear(out.transpose(1, 2).reshape(bsz, 1, q_size), w.o_proj[i])
         x = _rms_norm(h, w.post_norm[i], eps)
         gate, up = _linear(x, w.gate_up_proj[i]).chunk(2, dim=-1)
