@@ -20,6 +20,13 @@ decoding: each step reads every weight once (the tied embedding counts once, as 
 projection), so a step cannot be faster than ``weight bytes / read bandwidth``; the read bandwidth
 is measured here, in the same process, as the speed of ``sum()`` over a 1 GiB tensor.
 
+Then, at batch 1 (greedy): ours with ``generate(..., compile=True)`` (:mod:`llama_from_scratch.fast_decode`:
+fused projections, a static KV cache, ``torch.compile``) in float32 and bfloat16, its greedy
+tokens compared with the eager path's; and, when ``llama-cpp-python`` is importable, llama.cpp
+decoding the same GGUF file (its own quantized weights, ``--threads`` threads), timed the same way
+(median time between two tokens of its ``generate`` iterator). Last, the prefill: tokens/s of one
+forward pass over a ``--prompt-tokens`` prompt (best of the runs) for ours, transformers and llama.cpp.
+
     python benchmarks/generation.py            # 128 new tokens, 3 runs each
     python benchmarks/generation.py --quick    # 32 new tokens, 2 runs each
 """
@@ -70,6 +77,15 @@ def read_bandwidth(n_bytes: int = 1 << 30, repeats: int = 10) -> float:
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decoding step reads: every parameter once (a tied matrix counts once)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def int4_bytes(model: torch.nn.Module) -> int:
+    """Bytes one int4 decoding step reads: 4 bits per matrix weight plus a bf16 scale and zero per
+    group of 32 (4.5 + 0.5 bits), norms in bf16; the embedding lookup reads one row."""
+    matrices = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name)
+    matrices += model.lm_head.weight.numel() if model.config.tie_embeddings else 0
+    others = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    return int(matrices * (4 + 32 / 32) / 8 + 2 * others)
 
 
 def prompts(tokenizer, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +143,52 @@ def run_theirs(model, ids, mask, new_tokens, sample, seed=0) -> tuple[float, flo
     return time.perf_counter() - t, clock.step_time(), out
 
 
+def run_compiled(model, ids, new_tokens, quantize=None) -> tuple[float, float, torch.Tensor]:
+    """Ours through the fused, compiled step (greedy, batch 1): (wall time, median step time, output)."""
+    clock = _Clock()
+    t = time.perf_counter()
+    out = generate(model, ids, new_tokens, temperature=0.0, stream=clock, compile=True, quantize=quantize)
+    return time.perf_counter() - t, clock.step_time(), out
+
+
+def load_llama_cpp(threads: int):
+    """llama.cpp on the same GGUF file, or None (with the reason printed) when it is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        print("llama.cpp: skipped (pip install llama-cpp-python to compare with it)")
+        return None
+    path = find_smollm2_gguf()
+    print(f"llama.cpp: llama-cpp-python {llama_cpp.__version__}, {path.name}, {threads} threads")
+    return llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                           n_batch=512, verbose=False)
+
+
+def run_llama_cpp(llm, prompt: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+    """(wall time, median step time, new tokens) of llama.cpp's greedy decoding of ``prompt``."""
+    llm.reset()
+    clock = _Clock()
+    tokens = []
+    t = time.perf_counter()
+    for token in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        clock(token)
+        tokens.append(token)
+        if len(tokens) == new_tokens:
+            break
+    return time.perf_counter() - t, clock.step_time(), tokens
+
+
+def prefill_seconds(run, runs: int) -> float:
+    """Best time of ``run()`` (one forward pass over the prompt) after a warm-up."""
+    run()
+    best = float("inf")
+    for _ in range(runs):
+        t = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def load_theirs(dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
@@ -142,6 +204,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--batch", type=int, default=16, help="batch size of the batched setting")
+    parser.add_argument("--prompt-tokens", type=int, default=512, help="prompt length of the prefill test")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="llama.cpp's threads")
     args = parser.parse_args()
     new_tokens = args.new_tokens or (32 if args.quick else 128)
     runs = args.runs or (2 if args.quick else 3)
@@ -186,6 +250,61 @@ def main() -> None:
             if not same:
                 raise SystemExit("greedy fp32 outputs differ from transformers")
 
+    # Batch 1, greedy: the compiled fast path and llama.cpp.
+    fast_rows = []
+    ids_1 = prompts(load_smollm2()[1], 1)[0]
+    fp32_tokens = run_ours(load_smollm2()[0], ids_1, None, new_tokens, False)[2]
+    for dtype, quantize, name in ((torch.float32, None, "fp32"), (torch.bfloat16, None, "bf16"),
+                                  (torch.bfloat16, "int4", "int4 weights, bf16")):
+        ours, tokenizer = load_smollm2(dtype=dtype)
+        t = time.perf_counter()
+        run_compiled(ours, ids_1, 4, quantize)  # compiles (or finds the compiled step) for this dtype and length
+        compile_seconds = time.perf_counter() - t
+        _, s_eager, out_eager = run_ours(ours, ids_1, None, new_tokens, False)
+        s_fast = float("inf")
+        for _ in range(runs):
+            _, st, out_fast = run_compiled(ours, ids_1, new_tokens, quantize)
+            s_fast = min(s_fast, st)
+            _, st, out_eager = run_ours(ours, ids_1, None, new_tokens, False)
+            s_eager = min(s_eager, st)
+        same = int((out_fast == fp32_tokens).all(dim=0).long().cumprod(0).sum()) - ids_1.shape[1]
+        n_bytes = weight_bytes(ours) if quantize is None else int4_bytes(ours)
+        bound = bandwidth / n_bytes
+        fast_rows.append((f"batch 1, {name}", 1 / s_fast, 1 / s_eager, bound))
+        print(f"batch 1, {name}: compiled {1 / s_fast:.1f} tok/s, eager ({'bf16' if quantize else name}) "
+              f"{1 / s_eager:.1f} tok/s (x{s_eager / s_fast:.2f}); first call {compile_seconds:.0f} s (compiling); "
+              f"greedy tokens equal to the fp32 eager path's for the first {same} of {new_tokens}", flush=True)
+        del ours
+    llm = load_llama_cpp(args.threads)
+    cpp_tps = None
+    if llm is not None:
+        prompt_1 = ids_1[0].tolist()
+        run_llama_cpp(llm, prompt_1, 4)
+        s_cpp = min(run_llama_cpp(llm, prompt_1, new_tokens)[1] for _ in range(runs))
+        cpp_tps = 1 / s_cpp
+        print(f"batch 1, llama.cpp: {cpp_tps:.1f} tok/s", flush=True)
+
+    # Prefill: one forward pass over a long prompt.
+    n_prompt = args.prompt_tokens
+    prefill = []
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        ours, _ = load_smollm2(dtype=dtype)
+        theirs = load_theirs(dtype)
+        long_ids = torch.randint(0, ours.config.vocab_size, (1, n_prompt), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            s_ours = prefill_seconds(lambda: ours(long_ids, logits_to_keep=1), runs)
+            s_theirs = prefill_seconds(lambda: theirs(input_ids=long_ids, logits_to_keep=1), runs)
+        prefill.append((f"prefill {n_prompt} tokens, {name}", n_prompt / s_ours, n_prompt / s_theirs))
+        del ours, theirs
+    if llm is not None:
+        long_prompt = torch.randint(0, 49152, (n_prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+
+        def cpp_prefill():
+            llm.reset()
+            llm.eval(long_prompt)
+
+        cpp_prefill_tps = n_prompt / prefill_seconds(cpp_prefill, runs)
+
     print("\ndecoding (tokens/s from the median time between two new tokens, prompt excluded):")
     header = f"{'setting':<28}{'ours':>9}{'transformers':>14}{'ratio':>8}{'bw bound':>10}{'of bound':>10}"
     print(header)
@@ -199,6 +318,25 @@ def main() -> None:
     print("-" * len(header))
     for name, _, _, ours_tps, theirs_tps, _ in rows:
         print(f"{name:<28}{ours_tps:>9.1f}{theirs_tps:>14.1f}{ours_tps / theirs_tps:>7.2f}x")
+
+    print("\nbatch 1, greedy, the compiled fast path (tokens/s, median step):")
+    header = f"{'setting':<28}{'compiled':>9}{'eager':>9}{'speed-up':>10}{'bw bound':>10}{'of bound':>10}" + (
+        f"{'vs llama.cpp':>14}" if cpp_tps else "")
+    print(header)
+    print("-" * len(header))
+    for name, fast_tps, eager_tps, bound in fast_rows:
+        print(f"{name:<28}{fast_tps:>9.1f}{eager_tps:>9.1f}{fast_tps / eager_tps:>9.2f}x{bound:>10.1f}"
+              f"{fast_tps / bound:>9.0%}" + (f"{fast_tps / cpp_tps:>13.2f}x" if cpp_tps else ""))
+    if cpp_tps:
+        print(f"{'llama.cpp (' + find_smollm2_gguf().name.split('.')[-2] + ')':<28}{cpp_tps:>9.1f}")
+
+    print("\nprefill (tokens/s of one forward pass over the prompt, best run):")
+    header = f"{'setting':<28}{'ours':>9}{'transformers':>14}{'ratio':>8}" + (f"{'llama.cpp':>11}" if llm else "")
+    print(header)
+    print("-" * len(header))
+    for name, ours_tps, theirs_tps in prefill:
+        print(f"{name:<28}{ours_tps:>9.1f}{theirs_tps:>14.1f}{ours_tps / theirs_tps:>7.2f}x"
+              + (f"{cpp_prefill_tps:>11.1f}" if llm else ""))
 
 
 if __name__ == "__main__":

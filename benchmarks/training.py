@@ -13,7 +13,10 @@ key names are identical); their first losses are printed side by side. Four step
 * ``ours + our AdamW``: the step as this package's ``Trainer`` runs it, with the from-scratch
   ``AdamW`` (bit-identical to torch's, updating in cache-sized tiles);
 * ``transformers + fused AdamW``: the step as transformers' ``Trainer`` runs it by default
-  (``optim="adamw_torch_fused"``: torch's one-pass C++ AdamW kernel).
+  (``optim="adamw_torch_fused"``: torch's one-pass C++ AdamW kernel);
+* ``ours compiled + fused AdamW``: the step as ``TrainConfig(compile=True, optimizer="adamw_fused")``
+  runs it: our model through ``torch.compile`` (compiled before the timing starts, once per
+  precision) and torch's fused AdamW.
 
 They run interleaved: every round times one step of each, in reversed order every other round,
 so that all see the same moments of a shared machine (single steps on a busy 2-core machine vary
@@ -33,6 +36,7 @@ by 10% and more). Printed per precision (float32, and bfloat16 autocast where th
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -150,6 +154,8 @@ def main() -> None:
         precisions.append(("bf16 autocast", True))
     else:
         print("bf16 autocast skipped: this CPU has no bfloat16 instructions (--bf16 times it anyway)")
+    ours_compiled = copy.deepcopy(ours)
+    compiled = torch.compile(ours_compiled)
     for name, bf16 in precisions:
         peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
         sides = {
@@ -158,20 +164,25 @@ def main() -> None:
             "ours + our AdamW": make_step(ours, AdamW(ours.parameters(), lr=1e-4), ids, bf16, hf=False),
             "transformers + fused AdamW": make_step(
                 theirs, torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=True), ids, bf16, hf=True),
+            "ours compiled + fused AdamW": make_step(
+                compiled, torch.optim.AdamW(ours_compiled.parameters(), lr=1e-4, fused=True), ids, bf16, hf=False),
         }
-        for step in sides.values():  # warm-up (allocations, oneDNN primitives)
+        t = time.perf_counter()
+        for step in sides.values():  # warm-up (allocations, oneDNN primitives; compiles the compiled side)
             step()
+        print(f"\n{name}: warm-up (compiling included) {time.perf_counter() - t:.0f} s")
         times = interleaved_step_times(sides, args.rounds)
-        print(f"\n{name}: measured matmul peak {peak / 1e9:.0f} GFLOP/s")
+        print(f"{name}: measured matmul peak {peak / 1e9:.0f} GFLOP/s")
         for side, seconds in times.items():
             tok_s = tokens / statistics.median(seconds)
             mfu = flops_per_token * tok_s / peak
-            print(f"  {side:27s} {statistics.median(seconds) * 1e3:8.0f} ms/step  {tok_s:8.0f} tok/s  MFU {100 * mfu:5.1f}%")
+            print(f"  {side:28s} {statistics.median(seconds) * 1e3:8.0f} ms/step  {tok_s:8.0f} tok/s  MFU {100 * mfu:5.1f}%")
         if not bf16:
             steps = optimizer_step_ms(config)
             print("  the optimizer step alone: " + ", ".join(f"{k} {v:.0f} ms" for k, v in steps.items()))
         for faster, slower in (("ours", "transformers"), ("ours + our AdamW", "transformers"),
-                               ("ours + our AdamW", "transformers + fused AdamW")):
+                               ("ours + our AdamW", "transformers + fused AdamW"),
+                               ("ours compiled + fused AdamW", "transformers + fused AdamW")):
             ratios = [s / f for f, s in zip(times[faster], times[slower])]
             q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
             print(f"  speed ratio {faster} / {slower} (median of {len(ratios)} paired steps): {q2:.3f}x "

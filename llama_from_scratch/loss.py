@@ -112,6 +112,8 @@ def _validate(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, re
         raise ValueError(
             f"{name} of shape {tuple(logits.shape)} needs targets of shape {tuple(logits.shape[:-1])}, "
             f"got targets of shape {tuple(targets.shape)}")
+    if torch.compiler.is_compiling():
+        return  # a check on the values would split a compiled graph in two; eager calls make it
     bad = ((targets < 0) | (targets >= num_classes)) & (targets != ignore_index)
     if bool(bad.any()):
         position = tuple(int(i) for i in bad.nonzero()[0])
