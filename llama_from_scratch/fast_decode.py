@@ -165,6 +165,8 @@ def fuse_weights(model: nn.Module, quantize: str | None = None) -> FusedLlamaWei
         raise ValueError(reason)
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
+    if quantize == "int4" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise ValueError(f"quantize='int4' needs PyTorch's int4 CPU kernel (torch >= 2.6), not in torch {torch.__version__}")
     if quantize == "int4" and model.lm_head.weight.device.type != "cpu":
         raise ValueError("quantize='int4' uses PyTorch's int4 kernel for CPUs; this model is on "
                          f"{model.lm_head.weight.device}")
