@@ -24,7 +24,8 @@ Optionally (``quantize="int4"``, CPU only), the matrices of the step are stored 
 groups of 32 weights along the input dimension, each with a float scale and minimum, exactly
 GGUF's Q4_1 rule (``d = (max - min) / 15``, ``q = round((w - min) / d)``), and multiplied by
 PyTorch's int4 weight-only kernel (``aten._weight_int4pack_mm_for_cpu``), with bfloat16
-activations. A step then reads about 4.5 bits per weight instead of 16 or 32. SmolLM2's GGUF file
+activations. A step then reads 5 bits per weight (4-bit codes plus a bfloat16 scale and zero per
+group of 32) instead of 16 or 32. SmolLM2's GGUF file
 is itself Q4_1, so its dequantized weights are requantized to the same codes: what changes is
 mostly the bfloat16 rounding of the scales and of the activations.
 
@@ -34,7 +35,10 @@ fast step then continues. :func:`~llama_from_scratch.generation.generate` uses a
 
 Results: the fused products and the masked attention add the same numbers in another order, so
 logits differ from the eager path by rounding (float32: ~1e-5; bfloat16: ~1e-2) and greedy
-decoding gives the same tokens except where two candidates are that close.
+decoding gives the same tokens except where two candidates are that close. What each part buys,
+measured on a 2-core CPU for SmolLM2 (``benchmarks/generation.py``, README): fusing and compiling
+gain 1.15x in bfloat16 and nothing in float32, where the matrix-vector products dominate; reading
+fewer bytes is what counts: int4 decodes 3.1x faster than the eager bfloat16 model.
 """
 
 from __future__ import annotations
