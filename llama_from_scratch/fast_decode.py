@@ -51,10 +51,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama_from_scratch.model import Llama
+from llama_from_scratch.rope import rotate_half
+
 __all__ = ["FusedLlamaWeights", "Int4Weight", "fuse_weights", "quantize_int4", "decode_step", "compiled_decode_step",
-           "can_fuse"]
+           "can_fuse", "check_decode_options"]
 
 INT4_GROUP_SIZE = 32  # GGUF Q4_1's block: one scale and one minimum per 32 weights
+QUANTIZE_CHOICES = (None, "int4")
 
 
 class Int4Weight(NamedTuple):
@@ -128,8 +132,6 @@ def can_fuse(model: nn.Module) -> str | None:
     """None when ``model`` is a plain :class:`~llama_from_scratch.model.Llama` whose projections are
     ``nn.Linear`` without bias (what :func:`fuse_weights` needs); otherwise why not (e.g. LoRA
     adapters or quantized layers in place)."""
-    from llama_from_scratch.model import Llama  # noqa: PLC0415 (model imports generation, which imports us)
-
     if not isinstance(model, Llama):
         return f"the fast path needs a llama_from_scratch Llama, got {type(model).__name__}"
     for i, layer in enumerate(model.model.layers):
@@ -143,11 +145,25 @@ def can_fuse(model: nn.Module) -> str | None:
     return None
 
 
+def check_decode_options(model: nn.Module, quantize: str | None) -> None:
+    """Raises ``ValueError`` unless ``model`` can be fused (:func:`can_fuse`) and ``quantize`` is one
+    this module offers (and, for int4, can run: PyTorch's int4 CPU kernel, a model on the CPU)."""
+    reason = can_fuse(model)
+    if reason is not None:
+        raise ValueError(reason)
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize must be None or 'int4', got {quantize!r}")
+    if quantize == "int4" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise ValueError(f"quantize='int4' needs PyTorch's int4 CPU kernel (torch >= 2.6), not in torch {torch.__version__}")
+    if quantize == "int4" and model.lm_head.weight.device.type != "cpu":
+        raise ValueError("quantize='int4' uses PyTorch's int4 kernel for CPUs; this model is on "
+                         f"{model.lm_head.weight.device}")
+
+
 # The fused copy of each model's weights, rebuilt when a weight is replaced or modified in place
 # (an optimizer step bumps the tensors' version counters).
 _FUSED: weakref.WeakKeyDictionary[nn.Module, dict[str | None, tuple[tuple, FusedLlamaWeights]]] = (
     weakref.WeakKeyDictionary())
-QUANTIZE_CHOICES = (None, "int4")
 
 
 def _weights_key(model: nn.Module) -> tuple:
@@ -164,16 +180,7 @@ def fuse_weights(model: nn.Module, quantize: str | None = None) -> FusedLlamaWei
     kept while the model's weights do not change; the embedding, the norms and the output
     projection are the model's own tensors.
     """
-    reason = can_fuse(model)
-    if reason is not None:
-        raise ValueError(reason)
-    if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize must be one of {QUANTIZE_CHOICES}, got {quantize!r}")
-    if quantize == "int4" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        raise ValueError(f"quantize='int4' needs PyTorch's int4 CPU kernel (torch >= 2.6), not in torch {torch.__version__}")
-    if quantize == "int4" and model.lm_head.weight.device.type != "cpu":
-        raise ValueError("quantize='int4' uses PyTorch's int4 kernel for CPUs; this model is on "
-                         f"{model.lm_head.weight.device}")
+    check_decode_options(model, quantize)
     key = _weights_key(model)
     cached = _FUSED.setdefault(model, {}).get(quantize)
     if cached is not None and cached[0] == key:
@@ -223,8 +230,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # RoPE as apply_rope: x * cos + rotate_half(x) * sin.
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+    return x * cos + rotate_half(x) * sin
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from llama_from_scratch import fast_decode
 from llama_from_scratch.sampling import _check_sampling_args, apply_repetition_penalty, sample_next_token
 
 __all__ = ["generate", "beam_search"]
@@ -185,11 +186,7 @@ class _FastForward:
     BUCKET = 128
 
     def __init__(self, model, batch_size: int, max_len: int, mask: torch.Tensor | None, quantize: str | None = None):
-        from llama_from_scratch import fast_decode  # noqa: PLC0415
-
-        self.fast_decode = fast_decode
         self.weights = fast_decode.fuse_weights(model, quantize)
-        self.model = model
         c = model.config
         self.args = (c.n_heads, c.n_kv_heads, c.norm_eps)
         cache_len = min(-(-max_len // self.BUCKET) * self.BUCKET, c.max_seq_len)
@@ -205,7 +202,7 @@ class _FastForward:
             return self.prefill.step(tokens)
         cache = self.prefill.cache
         self.cur.fill_(tokens.shape[1] - 1)
-        return self.fast_decode.run_decode_step(self.weights, cache.k, cache.v, tokens[:, -1], self.cur,
+        return fast_decode.run_decode_step(self.weights, cache.k, cache.v, tokens[:, -1], self.cur,
                                                 self.padding, *self.args)
 
 
@@ -310,15 +307,9 @@ def generate(
     if quantize is not None and not compile:
         raise ValueError("quantize= selects the weights of the compiled decoding step: pass compile=True too")
     if compile:
-        from llama_from_scratch.fast_decode import can_fuse  # noqa: PLC0415
-
         if not use_cache:
             raise ValueError("compile=True decodes over a KV cache: it needs use_cache=True")
-        if quantize not in (None, "int4"):
-            raise ValueError(f"quantize must be None or 'int4', got {quantize!r}")
-        reason = can_fuse(model)
-        if reason is not None:
-            raise ValueError(f"compile=True: {reason}")
+        fast_decode.check_decode_options(model, quantize)
 
     device = _model_device(model)
     input_ids = input_ids.to(device)
