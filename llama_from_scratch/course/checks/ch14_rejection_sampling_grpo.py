@@ -177,6 +177,9 @@ def _loss_batch(rng: random.Random, g: torch.Generator):
     ref = old + 0.5 * torch.randn(b, t, generator=g)
     advantages = torch.randn(b, generator=g)
     lengths = torch.randint(1, t + 1, (b,), generator=g)
+    # Two different lengths in every batch: with equal lengths the per-completion mean ('grpo') and
+    # the mean over all tokens agree, and a loss that confuses them would pass.
+    lengths[0], lengths[-1] = t, int(torch.randint(1, t, (), generator=g))
     mask = (torch.arange(t) < lengths[:, None]).long()
     junk = 10 * torch.randn(b, t, generator=g)  # what a padded position holds is meaningless (finite)
     logprobs, old, ref = (torch.where(mask.bool(), x, junk) for x in (logprobs, old, ref))
