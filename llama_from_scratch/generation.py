@@ -203,7 +203,7 @@ class _FastForward:
         cache = self.prefill.cache
         self.cur.fill_(tokens.shape[1] - 1)
         return fast_decode.run_decode_step(self.weights, cache.k, cache.v, tokens[:, -1], self.cur,
-                                                self.padding, *self.args)
+                                           self.padding, *self.args)
 
 
 class _EvalMode:

@@ -7,7 +7,6 @@ The fused step adds the same products in another order, so logits are compared w
 Most tests run the fused step eagerly (fast); one compiles it with ``torch.compile``.
 """
 
-import shutil
 import warnings
 
 import pytest
@@ -167,8 +166,7 @@ def test_falls_back_to_the_eager_step_when_compiling_fails(monkeypatch):
     assert fast_decode._compile_failed  # later calls go straight to the eager step
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="torch.compile on a CPU needs a C++ compiler (the fallback without one is tested)")
+@pytest.mark.cxx_compiler
 def test_compiled_step_gives_the_same_tokens():
     """The real thing: torch.compile (inductor) of the fused step, on a 2-layer model."""
     model = _model(seed=9)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import warnings
 
 import pytest
@@ -392,8 +391,7 @@ def test_fused_adamw_is_torch_fused(blocks):
     assert sorted(decayed) == [0.0, 0.1]  # matrices decay, norm gains do not
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="torch.compile on a CPU needs a C++ compiler (the fallback without one is tested)")
+@pytest.mark.cxx_compiler
 def test_compiled_step_gives_the_eager_losses(blocks):
     losses, model, _ = _run(blocks, steps=3)
     with warnings.catch_warnings():
